@@ -1,0 +1,88 @@
+//! Bounded zlib inflation of one slice at a time, shared by the HTTP and
+//! WebSocket decoders of the chunked-zlib framing.
+
+use flate2::{Decompress, FlushDecompress, Status};
+
+use super::{CodecError, Limits};
+
+/// How much output space is added per step; bounds over-allocation when a
+/// slice turns out to exceed the decoded limit.
+const STEP: usize = 256 * 1024;
+
+/// Accumulates the decoded payload of one message, slice by slice.
+pub(crate) struct SliceInflater {
+    out: Vec<u8>,
+    limits: Limits,
+    slices: usize,
+    inflater: Decompress,
+}
+
+impl SliceInflater {
+    pub(crate) fn new(limits: Limits) -> Self {
+        SliceInflater { out: Vec::new(), limits, slices: 0, inflater: Decompress::new(true) }
+    }
+
+    /// Inflates one complete zlib stream and appends its output, stopping as
+    /// soon as the decoded limit would be passed.
+    pub(crate) fn slice(&mut self, piece: &[u8]) -> Result<(), CodecError> {
+        let index = self.slices;
+        if piece.is_empty() {
+            return Err(CodecError::EmptySlice { index });
+        }
+        self.inflater.reset(true);
+        let limit = self.limits.max_decoded;
+        loop {
+            let room = limit.saturating_sub(self.out.len() as u64);
+            // One byte beyond the limit lets us tell "exactly at" from "over".
+            let want = (room.saturating_add(1)).min(STEP as u64) as usize;
+            let need = self.out.len() + want;
+            if need > self.out.capacity() {
+                // Grow geometrically, but never past limit + 1: a bomb costs
+                // at most the limit, not twice it.
+                let cap_max = usize::try_from(limit.saturating_add(1)).unwrap_or(usize::MAX);
+                let target = (self.out.capacity().saturating_mul(2)).min(cap_max).max(need);
+                self.out.reserve_exact(target - self.out.len());
+            }
+            let in_before = self.inflater.total_in();
+            let out_before = self.out.len();
+            let consumed = in_before as usize;
+            let status = self
+                .inflater
+                .decompress_vec(&piece[consumed..], &mut self.out, FlushDecompress::None)
+                .map_err(|e| CodecError::Corrupt { index, reason: e.to_string() })?;
+            if self.out.len() as u64 > limit {
+                self.out = Vec::new();
+                return Err(CodecError::DecodedTooLarge { limit });
+            }
+            let used = self.inflater.total_in() as usize;
+            match status {
+                Status::StreamEnd => {
+                    if used != piece.len() {
+                        return Err(CodecError::TrailingBytes { index, extra: piece.len() - used });
+                    }
+                    break;
+                }
+                Status::Ok | Status::BufError => {
+                    let progressed = self.inflater.total_in() != in_before || self.out.len() != out_before;
+                    if used == piece.len() && !progressed {
+                        return Err(CodecError::TruncatedSlice { index });
+                    }
+                    if !progressed && self.out.len() as u64 == limit {
+                        // No room left and the stream wants to go on.
+                        return Err(CodecError::DecodedTooLarge { limit });
+                    }
+                }
+            }
+        }
+        self.slices += 1;
+        Ok(())
+    }
+
+    pub(crate) fn slices(&self) -> usize {
+        self.slices
+    }
+
+    pub(crate) fn into_payload(self) -> Vec<u8> {
+        self.out
+    }
+}

@@ -1,0 +1,67 @@
+//! The boundary between transports and whatever runs the calls.
+//!
+//! Transports see only this trait; the server plugs in the embedded-CPython
+//! executor (`ksrpc-py`), tests plug in an in-memory one.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::auth::User;
+
+/// One compat-protocol call: an authenticated user and the decoded request
+/// pickle (not yet unpickled: that happens under the user's rules).
+#[derive(Debug, Clone)]
+pub struct CompatRequest {
+    /// Who is calling; their rules decide what the call may reach.
+    pub user: Arc<User>,
+    /// The request payload after chunked-zlib decoding.
+    pub payload: Bytes,
+}
+
+/// The executor's answer: a pickled reply dict, ready to be encoded.
+#[derive(Debug, Clone)]
+pub struct CompatReply {
+    /// The `status` inside the reply (200, or 500 when the call raised).
+    pub status: u16,
+    /// The pickled reply dict.
+    pub body: Bytes,
+    /// The chain for logs, with argument counts and no values.
+    pub summary: String,
+}
+
+/// Every way an executor can fail to produce a normal reply.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The request could not be decoded or validated (bad pickle, refused
+    /// global, wrong shape). `reply` is a pickled 500 reply describing it,
+    /// for transports that cannot send a status code (WebSocket).
+    #[error("bad request: {message}")]
+    BadRequest {
+        /// Why, in one line.
+        message: String,
+        /// A pickled 500 reply with the same message.
+        reply: Bytes,
+        /// The chain if it could be read, for logs.
+        summary: String,
+    },
+    /// Too many calls in flight (for this user or in total).
+    #[error("too many calls in flight: {0}")]
+    Overloaded(String),
+    /// The executor is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// The executor itself failed (a bug, or the interpreter is gone).
+    #[error("executor failure: {0}")]
+    Internal(String),
+}
+
+/// Runs calls. Implementations must never block the calling async task's
+/// thread: do the work elsewhere and await it.
+#[async_trait::async_trait]
+pub trait Executor: Send + Sync + 'static {
+    /// Runs one compat-protocol call. A call that raises is still `Ok`
+    /// (a reply with status 500); `Err` is for requests that never ran.
+    /// Dropping the future tells the executor the client has gone away.
+    async fn call_compat(&self, request: CompatRequest) -> Result<CompatReply, ExecError>;
+}

@@ -1,0 +1,24 @@
+//! ksrpc-core: everything of ksrpc that is neither Python nor a transport.
+//!
+//! - [`chain`]: the call-chain AST shared by the compat and native protocols.
+//! - [`rules`]: `fnmatch`-exact module rules, first match wins, default deny.
+//! - [`auth`]: users, argon2id passwords, Basic auth and timestamp checks.
+//! - [`codec`]: the [`codec::Codec`] trait, chunked zlib (0.8.1 framing) and zstd.
+//! - [`compat`]: replies the server must build without Python.
+//! - [`executor`]: the trait transports call to run a request.
+//!
+//! This crate must not depend on actix, pyo3, reqwest or a tokio runtime
+//! (a tidy test in `tests/tidy.rs` enforces it).
+
+pub mod auth;
+pub mod chain;
+pub mod codec;
+pub mod compat;
+pub mod executor;
+pub mod rules;
+
+pub use auth::{AuthError, User, UserStore};
+pub use chain::{Args, Call, CallChain};
+pub use codec::{ChunkedZlib, Codec, CodecError, Level, Limits, Zstd};
+pub use executor::{CompatReply, CompatRequest, ExecError, Executor};
+pub use rules::{Pattern, RuleSet};

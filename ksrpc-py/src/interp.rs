@@ -1,0 +1,125 @@
+//! Starting the embedded interpreter and preparing `sys.path`.
+
+use std::path::{Path, PathBuf};
+
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+use sha2::{Digest, Sha256};
+
+use crate::{PythonConfig, StartError};
+
+/// The pure-Python files the server ships: a minimal `ksrpc` package (the
+/// client stand-ins that request pickles name, and the demo module) and the
+/// executor logic.
+const BUNDLED: &[(&str, &str)] = &[
+    ("ksrpc/__init__.py", include_str!("../python/ksrpc/__init__.py")),
+    ("ksrpc/client.py", include_str!("../python/ksrpc/client.py")),
+    ("ksrpc/server/__init__.py", include_str!("../python/ksrpc/server/__init__.py")),
+    ("ksrpc/server/demo.py", include_str!("../python/ksrpc/server/demo.py")),
+    ("ksrpc_executor.py", include_str!("../python/ksrpc_executor.py")),
+];
+
+/// Formats a Python exception with its traceback, for errors and logs.
+pub(crate) fn describe(py: Python<'_>, err: &PyErr) -> String {
+    let tb = err.traceback(py).and_then(|tb| tb.format().ok()).unwrap_or_default();
+    format!("{tb}{err}")
+}
+
+/// Writes the bundled files into a directory named after their hash (so
+/// several servers and versions can share a temp dir) and returns it.
+fn install_bundle() -> Result<PathBuf, StartError> {
+    let mut h = Sha256::new();
+    for (name, text) in BUNDLED {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(text.as_bytes());
+    }
+    let digest = h.finalize();
+    let tag: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let dir = std::env::temp_dir().join(format!("ksrpc-py-{tag}"));
+    if dir.join("ksrpc_executor.py").exists() {
+        return Ok(dir);
+    }
+    let tmp = std::env::temp_dir().join(format!("ksrpc-py-{tag}.{}.tmp", std::process::id()));
+    for (name, text) in BUNDLED {
+        let path = tmp.join(name);
+        std::fs::create_dir_all(path.parent().expect("bundled files live in a directory"))?;
+        std::fs::write(path, text)?;
+    }
+    // Another process may have won the race; its copy is identical.
+    if std::fs::rename(&tmp, &dir).is_err() {
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+    Ok(dir)
+}
+
+/// The site-packages directory of `venv` and its Python version (`3.12`).
+fn venv_site_packages(venv: &Path) -> Result<(PathBuf, String), StartError> {
+    let lib = venv.join("lib");
+    let entries = std::fs::read_dir(&lib)
+        .map_err(|e| StartError::Venv(venv.display().to_string(), format!("no lib directory: {e}")))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(version) = name.strip_prefix("python") {
+            let site = entry.path().join("site-packages");
+            if site.is_dir() {
+                return Ok((site, version.to_owned()));
+            }
+        }
+    }
+    Err(StartError::Venv(venv.display().to_string(), "no lib/pythonX.Y/site-packages".into()))
+}
+
+/// Starts the interpreter (a no-op when already running, e.g. when loaded
+/// into a Python process), sets up `sys.path` and returns the executor
+/// object of `ksrpc_executor.py`.
+pub fn start(config: &PythonConfig) -> Result<Py<PyAny>, StartError> {
+    Python::initialize();
+    let bundle = install_bundle()?;
+    let venv = config.venv.clone().or_else(|| std::env::var_os("VIRTUAL_ENV").map(PathBuf::from));
+    Python::attach(|py| {
+        let py_err = |e: PyErr| StartError::Python(describe(py, &e));
+        let sys = py.import("sys").map_err(py_err)?;
+        let ours: String = {
+            let vi = sys.getattr("version_info").map_err(py_err)?;
+            let major: u32 = vi.getattr("major").and_then(|v| v.extract()).map_err(py_err)?;
+            let minor: u32 = vi.getattr("minor").and_then(|v| v.extract()).map_err(py_err)?;
+            format!("{major}.{minor}")
+        };
+        if let Some(venv) = &venv {
+            let (site, version) = venv_site_packages(venv)?;
+            if version != ours {
+                return Err(StartError::VenvMismatch { venv: venv.display().to_string(), venv_version: version, ours });
+            }
+            // addsitedir also processes .pth files (editable installs).
+            py.import("site")
+                .and_then(|site_mod| site_mod.call_method1("addsitedir", (site.to_string_lossy().as_ref(),)))
+                .map_err(py_err)?;
+        }
+        let path = sys.getattr("path").map_err(py_err)?;
+        let path = path.cast::<PyList>().map_err(|e| StartError::Python(e.to_string()))?;
+        for extra in &config.path {
+            path.append(extra.to_string_lossy().as_ref()).map_err(py_err)?;
+        }
+        // Last on sys.path: an installed real ksrpc package wins over ours.
+        path.append(bundle.to_string_lossy().as_ref()).map_err(py_err)?;
+
+        let version: String = sys.getattr("version").and_then(|v| v.extract()).map_err(py_err)?;
+        let executable: String = sys.getattr("executable").and_then(|v| v.extract()).unwrap_or_default();
+        let paths: Vec<String> = path.extract().map_err(py_err)?;
+        tracing::info!(python = %version.replace('\n', " "), executable = %executable, "embedded Python started");
+        tracing::info!(sys_path = ?paths, "sys.path");
+
+        let module = py.import("ksrpc_executor").map_err(py_err)?;
+        let kwargs = pyo3::types::PyDict::new(py);
+        let set = |k: &str, v: Bound<'_, PyAny>| kwargs.set_item(k, v).map_err(py_err);
+        set("unpickle_allow", PyList::new(py, &config.unpickle_allow).map_err(py_err)?.into_any())?;
+        set("allow_code", config.allow_code.into_pyobject(py).map_err(py_err)?.to_owned().into_any())?;
+        set("handle_ttl", config.handle_ttl.into_pyobject(py).map_err(py_err)?.into_any())?;
+        set("handle_cap", config.handle_cap.into_pyobject(py).map_err(py_err)?.into_any())?;
+        set("call_timeout", config.call_timeout.into_pyobject(py).map_err(py_err)?.into_any())?;
+        set("serial_modules", PyList::new(py, &config.serial_modules).map_err(py_err)?.into_any())?;
+        let executor = module.getattr("Executor").and_then(|cls| cls.call((), Some(&kwargs))).map_err(py_err)?;
+        Ok(executor.unbind())
+    })
+}

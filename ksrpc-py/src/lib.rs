@@ -1,0 +1,47 @@
+//! ksrpc-py: the embedded-CPython executor.
+//!
+//! - [`interp`] starts the interpreter once, adds the configured venv and
+//!   paths, and installs the server's own minimal `ksrpc` package.
+//! - [`PyExecutor`] implements the core [`Executor`](ksrpc_core::Executor)
+//!   trait: calls run on a bounded pool of Python threads (never on a tokio
+//!   or actix worker), coroutines on one asyncio loop thread (inside
+//!   `ksrpc_executor.py`), with per-call timeouts and per-user caps.
+//! - The Python half (`python/ksrpc_executor.py`) decodes requests with a
+//!   restricted unpickler, resolves chains under the user's rules and
+//!   pickles replies.
+//!
+//! `PyErr` never leaves this crate: failures become [`ExecError`] or a
+//! pickled 500 reply.
+//!
+//! [`ExecError`]: ksrpc_core::ExecError
+
+pub mod config;
+pub mod interp;
+mod pool;
+
+pub use config::PythonConfig;
+pub use pool::PyExecutor;
+
+/// Errors of starting the executor.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configured venv does not exist or has no site-packages.
+    #[error("virtualenv {0}: {1}")]
+    Venv(String, String),
+    /// The venv was made by another Python minor than the one embedded.
+    #[error("virtualenv {venv} is Python {venv_version}, but this server embeds Python {ours}; rebuild with PYO3_PYTHON pointing at a {venv_version} interpreter or use a {ours} venv")]
+    VenvMismatch {
+        /// The venv path.
+        venv: String,
+        /// Its Python version (`3.12`).
+        venv_version: String,
+        /// The embedded Python version.
+        ours: String,
+    },
+    /// Writing the bundled Python package to disk failed.
+    #[error("installing the bundled ksrpc package: {0}")]
+    Io(#[from] std::io::Error),
+    /// Python raised while setting up (message and traceback).
+    #[error("python start-up failed: {0}")]
+    Python(String),
+}

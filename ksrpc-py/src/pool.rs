@@ -1,0 +1,309 @@
+//! The pool of Python threads and the [`Executor`] implementation.
+//!
+//! Threading model: async callers hand a job to a bounded set of OS threads
+//! that each attach to the interpreter once per call; a call blocked in I/O
+//! releases the GIL, so other calls proceed. A control thread (also outside
+//! tokio) delivers timeouts and cancellations, which need the GIL. No tokio
+//! or actix worker ever attaches to Python.
+
+use std::collections::HashMap;
+use std::os::raw::{c_long, c_ulong};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use ksrpc_core::auth::User;
+use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError, Executor};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use tokio::sync::oneshot;
+
+use crate::interp::{self, describe};
+use crate::{PythonConfig, StartError};
+
+/// A user's rules as seen from Python: `rules.allows("os") -> bool`.
+#[pyclass(frozen, name = "Rules", module = "ksrpc_rs")]
+struct PyRules {
+    user: Arc<User>,
+}
+
+#[pymethods]
+impl PyRules {
+    fn allows(&self, module: &str) -> bool {
+        self.user.rules.allows(module)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<rules of {}>", self.user.name)
+    }
+}
+
+/// A reply pickle owned by Python, exposed to Rust without a copy.
+struct PyBytesOwner {
+    _obj: Py<PyBytes>,
+    ptr: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for PyBytesOwner {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `bytes` objects are immutable and `_obj` keeps this one
+        // alive, so the buffer stays valid and unchanged for our lifetime.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+fn zero_copy(obj: Bound<'_, PyBytes>) -> Bytes {
+    let slice = obj.as_bytes();
+    let (ptr, len) = (slice.as_ptr() as usize, slice.len());
+    Bytes::from_owner(PyBytesOwner { _obj: obj.unbind(), ptr, len })
+}
+
+type Outcome = Result<CompatReply, ExecError>;
+
+struct Job {
+    id: u64,
+    user: Arc<User>,
+    payload: Bytes,
+    reply: oneshot::Sender<Outcome>,
+    cancelled: Arc<AtomicBool>,
+}
+
+enum Control {
+    /// The call overran its timeout: interrupt it and replace its thread.
+    Timeout(u64),
+    /// The client went away: cancel a pending coroutine.
+    Cancel(u64),
+}
+
+struct Shared {
+    executor: Py<PyAny>,
+    config: PythonConfig,
+    jobs: Receiver<Job>,
+    control: Sender<Control>,
+    /// Call id -> Python thread ident of the thread running it. Only
+    /// touched while attached to the interpreter, so the control thread and
+    /// the workers cannot race on it.
+    running: Mutex<HashMap<u64, c_ulong>>,
+    per_user: Mutex<HashMap<String, usize>>,
+    next_id: AtomicU64,
+    workers: AtomicUsize,
+    shutting_down: AtomicBool,
+}
+
+/// The embedded-CPython executor. Cheap to clone.
+#[derive(Clone)]
+pub struct PyExecutor {
+    shared: Arc<Shared>,
+    jobs: Sender<Job>,
+}
+
+impl std::fmt::Debug for PyExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PyExecutor").field("threads", &self.shared.workers.load(Ordering::Relaxed)).finish()
+    }
+}
+
+impl PyExecutor {
+    /// Starts the interpreter, the thread pool and the control thread.
+    pub fn start(config: PythonConfig) -> Result<Self, StartError> {
+        let executor = interp::start(&config)?;
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            executor,
+            config,
+            jobs: jobs_rx,
+            control: control_tx,
+            running: Mutex::new(HashMap::new()),
+            per_user: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            workers: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+        });
+        for _ in 0..shared.config.threads.max(1) {
+            spawn_worker(&shared)?;
+        }
+        let s = shared.clone();
+        std::thread::Builder::new().name("ksrpc-py-control".into()).spawn(move || control_loop(&s, &control_rx))?;
+        Ok(PyExecutor { shared, jobs: jobs_tx })
+    }
+
+    /// Stops accepting calls and shuts the asyncio loop down. Calls already
+    /// running finish on their threads.
+    pub fn close(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        Python::attach(|py| {
+            if let Err(e) = self.shared.executor.bind(py).call_method0("close") {
+                tracing::warn!("closing the Python executor: {}", describe(py, &e));
+            }
+        });
+    }
+
+    /// Calls currently running on a Python thread.
+    pub fn running(&self) -> usize {
+        self.shared.running.lock().expect("running map poisoned").len()
+    }
+}
+
+fn spawn_worker(shared: &Arc<Shared>) -> std::io::Result<()> {
+    let n = shared.workers.fetch_add(1, Ordering::SeqCst);
+    let s = shared.clone();
+    std::thread::Builder::new().name(format!("ksrpc-py-{n}")).spawn(move || worker_loop(&s)).map(drop)
+}
+
+fn worker_loop(shared: &Shared) {
+    // SAFETY: plain FFI call returning the OS thread id Python uses for this thread.
+    let ident = unsafe { pyo3::ffi::PyThread_get_thread_ident() };
+    while let Ok(job) = shared.jobs.recv() {
+        if job.cancelled.load(Ordering::SeqCst) {
+            continue;
+        }
+        let outcome = Python::attach(|py| {
+            shared.running.lock().expect("running map poisoned").insert(job.id, ident);
+            let outcome = run_job(py, shared, &job);
+            shared.running.lock().expect("running map poisoned").remove(&job.id);
+            // A timeout that raced with the end of the call must not hit the
+            // next call on this thread.
+            // SAFETY: attached; a NULL exception clears any pending one.
+            unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(ident as c_long, std::ptr::null_mut()) };
+            outcome
+        });
+        // The caller may have gone (timeout, client left): nothing to do then.
+        let _ = job.reply.send(outcome);
+        // Threads added to replace stuck ones retire once the pool is back to size.
+        let target = shared.config.threads.max(1);
+        if shared.workers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w > target).then(|| w - 1)).is_ok() {
+            return;
+        }
+    }
+}
+
+fn run_job(py: Python<'_>, shared: &Shared, job: &Job) -> Outcome {
+    let internal = |e: PyErr| ExecError::Internal(describe(py, &e));
+    let rules = Py::new(py, PyRules { user: job.user.clone() }).map_err(internal)?;
+    let payload = PyBytes::new(py, &job.payload);
+    let result = shared
+        .executor
+        .bind(py)
+        .call_method1("handle", (job.id, job.user.name.as_str(), rules, payload))
+        .map_err(internal)?;
+    let (status, bad_request, reply, summary): (u16, Option<String>, Bound<'_, PyBytes>, String) =
+        result.extract().map_err(internal)?;
+    if let Some(message) = bad_request {
+        return Err(ExecError::BadRequest { message, reply: zero_copy(reply), summary });
+    }
+    let len = reply.as_bytes().len() as u64;
+    if len > shared.config.max_reply_bytes {
+        let msg = format!("the reply is {len} bytes, over the server's limit of {}", shared.config.max_reply_bytes);
+        let body = compat::error_reply("", "MemoryError", &msg, "", &compat::utc_now_iso());
+        return Ok(CompatReply { status: 500, body: body.into(), summary });
+    }
+    Ok(CompatReply { status, body: zero_copy(reply), summary })
+}
+
+fn control_loop(shared: &Arc<Shared>, rx: &Receiver<Control>) {
+    while let Ok(msg) = rx.recv() {
+        let (id, timeout) = match msg {
+            Control::Timeout(id) => (id, true),
+            Control::Cancel(id) => (id, false),
+        };
+        let stuck = Python::attach(|py| {
+            if let Err(e) = shared.executor.bind(py).call_method1("cancel", (id,)) {
+                tracing::warn!("cancelling call {id}: {}", describe(py, &e));
+            }
+            let running = shared.running.lock().expect("running map poisoned");
+            match (timeout, running.get(&id)) {
+                (true, Some(&ident)) => {
+                    let exc = py.get_type::<pyo3::exceptions::PyTimeoutError>();
+                    // SAFETY: attached; `ident` is a live thread running call `id`
+                    // (the map is only changed while attached).
+                    unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(ident as c_long, exc.as_ptr()) };
+                    true
+                }
+                _ => false,
+            }
+        });
+        // The interrupted thread may be blocked in C for a long time; give the
+        // pool a fresh thread, up to twice its size.
+        if stuck && shared.workers.load(Ordering::SeqCst) < 2 * shared.config.threads.max(1) {
+            if let Err(e) = spawn_worker(shared) {
+                tracing::error!("spawning a replacement Python thread: {e}");
+            }
+        }
+    }
+}
+
+/// Frees a user's in-flight slot and, when the caller goes away before the
+/// call ends, tells the executor to cancel it.
+struct CallGuard<'a> {
+    shared: &'a Shared,
+    user: &'a str,
+    id: u64,
+    cancelled: Arc<AtomicBool>,
+    finished: bool,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cancelled.store(true, Ordering::SeqCst);
+            let _ = self.shared.control.send(Control::Cancel(self.id));
+        }
+        let mut per_user = self.shared.per_user.lock().expect("per-user map poisoned");
+        if let Some(n) = per_user.get_mut(self.user) {
+            *n -= 1;
+            if *n == 0 {
+                per_user.remove(self.user);
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for PyExecutor {
+    async fn call_compat(&self, request: CompatRequest) -> Result<CompatReply, ExecError> {
+        let shared = &*self.shared;
+        if shared.shutting_down.load(Ordering::SeqCst) {
+            return Err(ExecError::ShuttingDown);
+        }
+        {
+            let mut per_user = shared.per_user.lock().expect("per-user map poisoned");
+            let n = per_user.entry(request.user.name.clone()).or_insert(0);
+            if *n >= shared.config.max_calls_per_user {
+                return Err(ExecError::Overloaded(format!(
+                    "user {} already has {} calls in flight",
+                    request.user.name, n
+                )));
+            }
+            *n += 1;
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let mut guard =
+            CallGuard { shared, user: &request.user.name, id, cancelled: cancelled.clone(), finished: false };
+        let (tx, rx) = oneshot::channel();
+        let job = Job { id, user: request.user.clone(), payload: request.payload.clone(), reply: tx, cancelled };
+        self.jobs.send(job).map_err(|_| ExecError::ShuttingDown)?;
+        let timeout = shared.config.call_timeout();
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(outcome)) => {
+                guard.finished = true;
+                outcome
+            }
+            Ok(Err(_)) => {
+                guard.finished = true;
+                Err(ExecError::Internal("the Python thread running the call vanished".into()))
+            }
+            Err(_) => {
+                guard.finished = true;
+                guard.cancelled.store(true, Ordering::SeqCst);
+                let _ = shared.control.send(Control::Timeout(id));
+                let msg = format!("the call ran longer than the server's limit of {:.0} s", timeout.as_secs_f64());
+                let body = compat::error_reply("", "TimeoutError", &msg, "", &compat::utc_now_iso());
+                Ok(CompatReply { status: 500, body: body.into(), summary: String::from("<timed out>") })
+            }
+        }
+    }
+}

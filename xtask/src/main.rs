@@ -1,0 +1,28 @@
+//! Project automation. `cargo xtask test` is what CI runs; `cargo xtask
+//! bench` and `cargo xtask fuzz` are for people.
+//!
+//! xtask creates everything it needs itself (Python venvs under
+//! `target/xtask/`), so a fresh clone needs no other setup step.
+
+mod python;
+mod test;
+
+use anyhow::{bail, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("test") => test::run(&args[1..]),
+        Some("fuzz") => test::fuzz(&args[1..]),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 test   fmt, clippy, every Rust test, the Python executor tests and the real\n         \
+                        ksrpc 0.8.1 client suite against our server\n  \
+                 fuzz   run each cargo-fuzz target for a bounded time (not in CI)"
+            );
+            bail!("unknown or missing command")
+        }
+    }
+}
