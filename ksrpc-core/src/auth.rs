@@ -185,6 +185,13 @@ impl UserStore {
         }
     }
 
+    /// The user if `user:password` verified recently (no argon2 work): the
+    /// fast path an async caller may take before falling back to
+    /// [`UserStore::verify`] on a blocking thread.
+    pub fn verify_cached(&self, user: &str, password: &str) -> Option<Arc<User>> {
+        self.cached(&self.cache_key(user, password))
+    }
+
     fn cache_key(&self, user: &str, password: &str) -> [u8; 32] {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.cache_key).expect("any key length works");
         mac.update(user.as_bytes());

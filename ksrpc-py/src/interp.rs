@@ -112,13 +112,12 @@ pub fn start(config: &PythonConfig) -> Result<Py<PyAny>, StartError> {
 
         let module = py.import("ksrpc_executor").map_err(py_err)?;
         let kwargs = pyo3::types::PyDict::new(py);
-        let set = |k: &str, v: Bound<'_, PyAny>| kwargs.set_item(k, v).map_err(py_err);
-        set("unpickle_allow", PyList::new(py, &config.unpickle_allow).map_err(py_err)?.into_any())?;
-        set("allow_code", config.allow_code.into_pyobject(py).map_err(py_err)?.to_owned().into_any())?;
-        set("handle_ttl", config.handle_ttl.into_pyobject(py).map_err(py_err)?.into_any())?;
-        set("handle_cap", config.handle_cap.into_pyobject(py).map_err(py_err)?.into_any())?;
-        set("call_timeout", config.call_timeout.into_pyobject(py).map_err(py_err)?.into_any())?;
-        set("serial_modules", PyList::new(py, &config.serial_modules).map_err(py_err)?.into_any())?;
+        kwargs.set_item("unpickle_allow", PyList::new(py, &config.unpickle_allow).map_err(py_err)?).map_err(py_err)?;
+        kwargs.set_item("allow_code", config.allow_code).map_err(py_err)?;
+        kwargs.set_item("handle_ttl", config.handle_ttl).map_err(py_err)?;
+        kwargs.set_item("handle_cap", config.handle_cap).map_err(py_err)?;
+        kwargs.set_item("call_timeout", config.call_timeout).map_err(py_err)?;
+        kwargs.set_item("serial_modules", PyList::new(py, &config.serial_modules).map_err(py_err)?).map_err(py_err)?;
         let executor = module.getattr("Executor").and_then(|cls| cls.call((), Some(&kwargs))).map_err(py_err)?;
         Ok(executor.unbind())
     })

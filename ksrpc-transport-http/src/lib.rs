@@ -1,1 +1,143 @@
-//! wip
+//! ksrpc-transport-http: the actix-web side of ksrpc, 0.8.1 compatible.
+//!
+//! - [`guard`]: middleware for every route (WebSocket upgrade included):
+//!   the `X-Timestamp` window, then HTTP Basic auth; nothing is read before
+//!   both pass. The authenticated [`User`] goes into the request extensions.
+//! - [`routes`]: `GET|POST {prefix}/generate_204` and `POST {prefix}/chunk`.
+//! - [`TransportError`]: every failure, mapped to a status in one place.
+//!
+//! The request body is decoded while it streams in (limits enforced as it
+//! arrives); the reply is encoded slice by slice on the rayon pool and
+//! streamed out with chunked transfer encoding, which the 0.8.1 client needs.
+
+mod error;
+mod reply;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use ksrpc_core::auth::{check_timestamp, parse_basic, User, UserStore};
+use ksrpc_core::codec::{ChunkedZlib, Codec, Limits};
+use ksrpc_core::{CompatRequest, Executor};
+
+pub use error::TransportError;
+pub use reply::{log_call, stream_reply};
+
+/// What every route needs; registered once as `web::Data<HttpState>`.
+#[derive(Clone)]
+pub struct HttpState {
+    /// Users and their rules.
+    pub users: Arc<UserStore>,
+    /// Runs the calls.
+    pub executor: Arc<dyn Executor>,
+    /// The compat framing, with the configured level and slice size.
+    pub codec: ChunkedZlib,
+    /// Limits on one request body.
+    pub limits: Limits,
+    /// Seconds `X-Timestamp` may differ from now; `<= 0` disables the check.
+    pub timestamp_window: f64,
+}
+
+impl std::fmt::Debug for HttpState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpState")
+            .field("codec", &self.codec)
+            .field("limits", &self.limits)
+            .field("timestamp_window", &self.timestamp_window)
+            .finish()
+    }
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The pre-body checks, as actix middleware (`middleware::from_fn(guard)`).
+/// Order as in the original: timestamp (403), then Basic auth (401).
+pub async fn guard(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let state = req
+        .app_data::<web::Data<HttpState>>()
+        .ok_or_else(|| TransportError::Internal("HttpState is not registered".into()))?
+        .clone();
+    let header = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
+    check_timestamp(header("X-Timestamp"), now(), state.timestamp_window)
+        .map_err(|_| TransportError::Forbidden)?;
+    let (name, password) = parse_basic(header("Authorization")).map_err(|_| TransportError::Unauthorized)?;
+    let user = authenticate(&state.users, name, password).await?;
+    req.extensions_mut().insert(user);
+    next.call(req).await
+}
+
+/// Verifies credentials: a cached success costs a keyed hash; a miss runs
+/// argon2 on the blocking pool, never on an async worker.
+async fn authenticate(users: &Arc<UserStore>, name: String, password: String) -> Result<Arc<User>, TransportError> {
+    if let Some(user) = users.verify_cached(&name, &password) {
+        return Ok(user);
+    }
+    let users = users.clone();
+    web::block(move || users.verify(&name, &password))
+        .await
+        .map_err(|e| TransportError::Internal(e.to_string()))?
+        .map_err(|_| TransportError::Unauthorized)
+}
+
+/// The authenticated user that [`guard`] stored on the request.
+pub fn user_of(req: &HttpRequest) -> Result<Arc<User>, TransportError> {
+    req.extensions().get::<Arc<User>>().cloned().ok_or(TransportError::Unauthorized)
+}
+
+/// Registers the HTTP routes under `prefix` (which may hold `{name}`
+/// placeholders, one path segment each).
+pub fn routes(prefix: &str) -> impl FnOnce(&mut web::ServiceConfig) + '_ {
+    move |cfg| {
+        cfg.service(
+            web::resource(format!("{prefix}/generate_204"))
+                .route(web::get().to(generate_204))
+                .route(web::post().to(generate_204)),
+        )
+        .service(web::resource(format!("{prefix}/chunk")).route(web::post().to(chunk)));
+    }
+}
+
+/// The redirect probe of the 0.8.1 client.
+async fn generate_204() -> HttpResponse {
+    HttpResponse::NoContent().finish()
+}
+
+/// One compat call: decode the body as it arrives, run it, stream the reply.
+async fn chunk(
+    req: HttpRequest,
+    mut body: web::Payload,
+    state: web::Data<HttpState>,
+) -> Result<HttpResponse, TransportError> {
+    let started = Instant::now();
+    let user = user_of(&req)?;
+    let mut decoder = state.codec.decoder(state.limits);
+    let mut bytes_in = 0u64;
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| TransportError::BadRequest(format!("reading the body: {e}")))?;
+        bytes_in += piece.len() as u64;
+        decoder.feed(&piece)?;
+    }
+    let payload = decoder.finish()?;
+    let reply = state
+        .executor
+        .call_compat(CompatRequest { user: user.clone(), payload: payload.into() })
+        .await
+        .inspect_err(|e| {
+            let summary = match e {
+                ksrpc_core::ExecError::BadRequest { summary, .. } => summary.as_str(),
+                _ => "<not run>",
+            };
+            tracing::warn!(user = %user.name, chain = %summary, bytes_in, error = %e, "call refused");
+        })?;
+    Ok(stream_reply(&state.codec, reply, user.name.clone(), bytes_in, started))
+}

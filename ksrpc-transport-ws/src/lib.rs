@@ -1,1 +1,197 @@
-//! wip
+//! ksrpc-transport-ws: `GET {prefix}/ws`, the 0.8.1 WebSocket sequence.
+//!
+//! Per call the client sends binary slices, a text border after each, and a
+//! text `EOF`; the reply comes back the same way. Calls follow one another on
+//! one socket. Auth ran at the upgrade (the HTTP [`guard`] middleware).
+//! While a call runs, the socket is still read, so a client that leaves
+//! cancels its call instead of holding the executor.
+//!
+//! [`guard`]: ksrpc_transport_http::guard
+
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use ksrpc_core::auth::User;
+use ksrpc_core::codec::{CodecError, Flow, WsEvent, WsFrame};
+use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError};
+use ksrpc_transport_http::{log_call, user_of, HttpState, TransportError};
+use std::sync::Arc;
+
+/// A request that stops half-way is dropped after this long without a message.
+const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
+
+/// Registers `GET {prefix}/ws`.
+pub fn routes(prefix: &str) -> impl FnOnce(&mut web::ServiceConfig) + '_ {
+    move |cfg| {
+        cfg.service(web::resource(format!("{prefix}/ws")).route(web::get().to(upgrade)));
+    }
+}
+
+async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<HttpState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let user = user_of(&req)?;
+    let (response, session, messages) = actix_ws::handle(&req, body)?;
+    // actix's default frame limit (64 KiB) is below the client's ~128 KiB
+    // slices; allow a whole encoded slice per frame.
+    let messages = messages.max_frame_size(state.codec.max_encoded_slice + 1024).aggregate_continuations();
+    actix_web::rt::spawn(serve(state.into_inner(), user, session, messages));
+    Ok(response)
+}
+
+fn close_reason(code: CloseCode, text: impl Into<String>) -> Option<CloseReason> {
+    Some(CloseReason { code, description: Some(text.into()) })
+}
+
+/// Serves one socket until the client closes it or breaks the protocol.
+async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut messages: AggregatedMessageStream) {
+    let mut decoder = state.codec.ws_decoder(state.limits);
+    let mut bytes_in = 0u64;
+    let mut started = Instant::now();
+    loop {
+        let next = if decoder.has_partial() {
+            match tokio::time::timeout(HALF_SENT_IDLE, messages.next()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    let _ = session.close(close_reason(CloseCode::Policy, "request left half-sent")).await;
+                    return;
+                }
+            }
+        } else {
+            messages.next().await
+        };
+        let msg = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::debug!(user = %user.name, "websocket protocol error: {e}");
+                let code = if matches!(e, actix_ws::ProtocolError::Overflow) { CloseCode::Size } else { CloseCode::Protocol };
+                let _ = session.close(close_reason(code, e.to_string())).await;
+                return;
+            }
+            None => return,
+        };
+        let event = match msg {
+            AggregatedMessage::Binary(b) => {
+                if !decoder.has_partial() {
+                    started = Instant::now();
+                }
+                bytes_in += b.len() as u64;
+                decoder.binary(&b).map(|()| WsEvent::More)
+            }
+            AggregatedMessage::Text(t) => {
+                bytes_in += t.len() as u64;
+                decoder.text(&t)
+            }
+            AggregatedMessage::Ping(p) => {
+                if session.pong(&p).await.is_err() {
+                    return;
+                }
+                Ok(WsEvent::More)
+            }
+            AggregatedMessage::Pong(_) => Ok(WsEvent::More),
+            AggregatedMessage::Close(_) => {
+                let _ = session.close(None).await;
+                return;
+            }
+        };
+        let payload = match event {
+            Ok(WsEvent::More) => continue,
+            Ok(WsEvent::Done(p)) => p,
+            Err(e) => {
+                let code = match e {
+                    CodecError::EncodedTooLarge { .. } | CodecError::DecodedTooLarge { .. } => CloseCode::Size,
+                    _ => CloseCode::Invalid,
+                };
+                tracing::warn!(user = %user.name, bytes_in, "websocket request refused: {e}");
+                let _ = session.close(close_reason(code, e.to_string())).await;
+                return;
+            }
+        };
+        let request = CompatRequest { user: user.clone(), payload: payload.into() };
+        // Keep reading while the call runs: a close or a vanished client
+        // drops the call future, which cancels the call.
+        let call = state.executor.call_compat(request);
+        tokio::pin!(call);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut call => break outcome,
+                msg = messages.next() => match msg {
+                    Some(Ok(AggregatedMessage::Ping(p))) => {
+                        if session.pong(&p).await.is_err() { return; }
+                    }
+                    Some(Ok(AggregatedMessage::Close(_))) | Some(Err(_)) | None => return,
+                    // The 0.8.1 client keeps one call in flight; anything else
+                    // now is out of protocol and ignored.
+                    Some(Ok(_)) => {}
+                },
+            }
+        };
+        let reply = match outcome {
+            Ok(r) => r,
+            Err(ExecError::BadRequest { message, reply, summary }) => {
+                tracing::warn!(user = %user.name, chain = %summary, "bad request: {message}");
+                CompatReply { status: 500, body: reply, summary }
+            }
+            Err(e) => {
+                let t: TransportError = e.into();
+                let body = compat::error_reply("", "RuntimeError", &t.to_string(), "", &compat::utc_now_iso());
+                CompatReply { status: 500, body: body.into(), summary: "<not run>".into() }
+            }
+        };
+        match send_reply(&state, &mut session, &reply).await {
+            Some(bytes_out) => log_call(&user.name, &reply, bytes_in, bytes_out, started),
+            None => return,
+        }
+        bytes_in = 0;
+    }
+}
+
+/// Sends a reply as binary slices, text borders and `EOF`. Small replies are
+/// encoded inline; big ones on the blocking pool, in parallel, streamed.
+/// Returns the bytes sent, or `None` when the client went away.
+async fn send_reply(state: &HttpState, session: &mut Session, reply: &CompatReply) -> Option<u64> {
+    let codec = state.codec.clone();
+    let body: Bytes = reply.body.clone();
+    let mut sent = 0u64;
+    if body.len() <= codec.slice_size {
+        let mut frames = Vec::with_capacity(3);
+        if let Err(e) = codec.encode_ws(&mut std::iter::once(body), &mut |f| {
+            frames.push(f);
+            Flow::Continue(())
+        }) {
+            tracing::error!("encoding a websocket reply: {e}");
+            return None;
+        }
+        for frame in frames {
+            sent += send_frame(session, frame).await?;
+        }
+        return Some(sent);
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<WsFrame>(16);
+    tokio::task::spawn_blocking(move || {
+        let r = codec.encode_ws(&mut std::iter::once(body), &mut |frame| match tx.blocking_send(frame) {
+            Ok(()) => Flow::Continue(()),
+            Err(_) => Flow::Break(()),
+        });
+        if let Err(e) = r {
+            tracing::debug!("websocket reply not fully sent: {e}");
+        }
+    });
+    while let Some(frame) = rx.recv().await {
+        sent += send_frame(session, frame).await?;
+    }
+    Some(sent)
+}
+
+async fn send_frame(session: &mut Session, frame: WsFrame) -> Option<u64> {
+    let (n, r) = match frame {
+        WsFrame::Binary(b) => (b.len() as u64, session.binary(b).await),
+        WsFrame::Text(t) => (t.len() as u64, session.text(t).await),
+    };
+    r.ok().map(|()| n)
+}

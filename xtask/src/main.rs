@@ -5,6 +5,7 @@
 //! `target/xtask/`), so a fresh clone needs no other setup step.
 
 mod python;
+mod suite;
 mod test;
 
 use anyhow::{bail, Result};

@@ -37,7 +37,6 @@ fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// rebuild pyo3 back and forth.
 pub struct Env {
     pub python: PathBuf,
-    pub minor: u32,
     pub target_dir: PathBuf,
     pub server_venv: PathBuf,
     pub client_python: PathBuf,
@@ -65,7 +64,7 @@ impl Env {
         step("server venv", || python::ensure_venv(&python, &server_venv, python::SERVER_PACKAGES))?;
         let client_python =
             step("client venv", || python::ensure_venv(&python, &client_venv, python::CLIENT_PACKAGES))?;
-        Ok(Env { python, minor, target_dir: base.join(format!("py3.{minor}")), server_venv, client_python })
+        Ok(Env { python, target_dir: base.join(format!("py3.{minor}")), server_venv, client_python })
     }
 }
 
@@ -101,6 +100,8 @@ pub fn run(args: &[String]) -> Result<()> {
             pytest(&python, &[root().join("ksrpc-py/python/tests_py")], &[], "executor")
         });
         add(&mut tally, "executor pytest", py);
+        let suite = step("real ksrpc 0.8.1 client suite (HTTP and WebSocket)", || crate::suite::run(&env));
+        add(&mut tally, "client suite", suite);
     }
 
     eprintln!("\nxtask test took {:.0}s", started.elapsed().as_secs_f64());

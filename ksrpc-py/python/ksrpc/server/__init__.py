@@ -1,0 +1,1 @@
+"""Server-side modules of the ksrpc stand-in (only the demo)."""

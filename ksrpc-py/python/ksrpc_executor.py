@@ -1,0 +1,981 @@
+"""Server-side call logic of the ksrpc 0.8.1 compatible server.
+
+The Rust server embeds CPython, imports this module and calls
+`Executor.handle` from a pool of Python threads. One call: decode the request
+pickle with a restricted unpickler, resolve the call chain under the user's
+rules, and pickle the reply. See protocol-ksrpc-0.8.1.md for the format and
+the chain rules; the comments here say why things are done the way they are.
+"""
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import importlib
+import importlib.util
+import inspect
+import io
+import pickle
+import re
+import secrets
+import sys
+import threading
+import time
+import traceback
+import types
+from datetime import datetime
+from fnmatch import fnmatchcase
+
+try:  # dill is optional: plain pickles work without it.
+    import dill
+    import dill._dill as _dill_impl
+except Exception:  # pragma: no cover - depends on the environment
+    dill = _dill_impl = None
+
+__all__ = ["Executor", "error_reply", "generate_stub", "DEFAULT_UNPICKLE_ALLOW", "SAFE_DUNDERS"]
+
+_PY_MINOR = f"{sys.version_info[0]}.{sys.version_info[1]}"
+_MISSING = object()
+_ExceptionGroup = getattr(builtins, "BaseExceptionGroup", ())  # Python >= 3.11
+
+# ---------------------------------------------------------------------------
+# What a request pickle may name
+# ---------------------------------------------------------------------------
+
+_BUILTIN_VALUE_TYPES = ("int", "float", "complex", "str", "bytes", "bytearray", "list", "tuple",
+                        "dict", "set", "frozenset", "slice", "range", "bool")
+# Exception classes are plain data too (a pickled ValueError is an argument, not code).
+_BUILTIN_EXCEPTIONS = tuple(sorted(n for n, v in vars(builtins).items()
+                                   if isinstance(v, type) and issubclass(v, BaseException)))
+
+DEFAULT_UNPICKLE_ALLOW = (
+    # the client's classes (our stand-ins, or the real package when installed)
+    "ksrpc.client:RpcCall", "ksrpc.client:_Self", "ksrpc.client:RpcClient",
+    *(f"builtins:{n}" for n in _BUILTIN_VALUE_TYPES),
+    *(f"builtins:{n}" for n in _BUILTIN_EXCEPTIONS),
+    "builtins:Ellipsis", "builtins:NotImplemented",
+    "copyreg:_reconstructor", "_codecs:encode",
+    "datetime:date", "datetime:time", "datetime:datetime", "datetime:timedelta", "datetime:timezone",
+    "decimal:Decimal", "fractions:Fraction", "uuid:UUID",
+    "collections:OrderedDict", "collections:deque", "collections:Counter", "collections:defaultdict",
+    "zoneinfo:ZoneInfo",  # its pickle also needs getattr(ZoneInfo, '_unpickle'), see _Unpickler._getattr
+    # numpy 2 (numpy._core) and numpy 1 (numpy.core)
+    "numpy:ndarray", "numpy:dtype",
+    "numpy._core.multiarray:_reconstruct", "numpy._core.multiarray:scalar",
+    "numpy.core.multiarray:_reconstruct", "numpy.core.multiarray:scalar",
+    "numpy._core.numeric:_frombuffer", "numpy.core.numeric:_frombuffer",
+    "numpy._core._internal:_convert_to_stringdtype_kwargs", "numpy.dtypes:*",
+    # pandas 2 (found by unpickling DataFrame, Series, indexes, Categorical, timestamps...)
+    "pandas.core.frame:DataFrame", "pandas.core.series:Series",
+    "pandas.core.internals.managers:BlockManager", "pandas.core.internals.managers:SingleBlockManager",
+    "pandas._libs.internals:_unpickle_block",
+    "pandas.core.indexes.base:_new_Index", "pandas.core.indexes.base:Index",
+    "pandas.core.indexes.range:RangeIndex", "pandas.core.indexes.multi:MultiIndex",
+    "pandas.core.indexes.datetimes:_new_DatetimeIndex", "pandas.core.indexes.datetimes:DatetimeIndex",
+    "pandas.core.indexes.timedeltas:TimedeltaIndex", "pandas.core.indexes.period:PeriodIndex",
+    "pandas._libs.arrays:__pyx_unpickle_NDArrayBacked",
+    "pandas.core.arrays.datetimes:DatetimeArray", "pandas.core.arrays.timedeltas:TimedeltaArray",
+    "pandas.core.arrays.period:PeriodArray", "pandas.core.arrays.categorical:Categorical",
+    "pandas.core.dtypes.dtypes:CategoricalDtype", "pandas.core.dtypes.dtypes:DatetimeTZDtype",
+    "pandas.core.dtypes.dtypes:PeriodDtype",
+    "pandas._libs.tslibs.timestamps:_unpickle_timestamp", "pandas._libs.tslibs.timestamps:Timestamp",
+    "pandas._libs.tslibs.timedeltas:_timedelta_unpickle", "pandas._libs.tslibs.timedeltas:Timedelta",
+    "pandas._libs.tslibs.nattype:__nat_unpickle", "pandas._libs.tslibs.period:Period",
+    "pandas._libs.tslibs.offsets:*", "pandas._libs.missing:NA",
+    "pytz:_p", "pytz:_UTC",
+    # dill's data helpers; each resolves to a checked stand-in (see _Unpickler), never the original
+    "dill._dill:_create_array", "dill._dill:_load_type", "dill._dill:_eval_repr",
+)
+
+# Type names dill's _load_type may return without code rights (never FunctionType, CodeType...).
+_PLAIN_TYPES = {n: getattr(builtins, n) for n in _BUILTIN_VALUE_TYPES + _BUILTIN_EXCEPTIONS}
+_PLAIN_TYPES.update(NoneType=type(None), EllipsisType=type(...), NotImplementedType=type(NotImplemented))
+_RANGE_REPR = re.compile(r"range\((-?\d{1,30}), (-?\d{1,30})(?:, (-?\d{1,30}))?\)")
+
+# Globals that build code or reach interpreter internals (what dill emits for a lambda, a local
+# function, a closure or a class defined in the client's __main__).
+_CODE_MODULES = ("__main__", "dill", "dill._dill")
+_CODE_GLOBALS = {("__builtin__", "__main__"), ("builtins", "getattr"), ("builtins", "setattr")}
+_DILL_DATA = {"_create_array", "_load_type", "_eval_repr"}
+
+# Dunder names any user may use in a chain; the others (__globals__, __class__, __dict__,
+# __subclasses__, __reduce__...) lead to interpreter internals and need 'builtins' rights.
+SAFE_DUNDERS = frozenset({
+    "__getitem__", "__call__", "__next__", "__anext__", "__len__", "__doc__", "__name__",
+    "__qualname__", "__file__", "__version__", "__all__", "__str__", "__repr__", "__int__",
+    "__float__", "__bool__", "__contains__", "__iter__", "__aiter__",
+})
+# Objects that expose globals or builtins without a dunder name (gen.gi_frame.f_builtins...).
+_INTERNAL_TYPES = (types.FrameType, types.CodeType, types.TracebackType, getattr(types, "CellType", ()))
+_ADVANCE = ("__next__", "__anext__")
+
+
+def _is_dunder(name):
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
+class _Refused(PermissionError):
+    """The request pickle names something this user may not load."""
+
+
+class _NeedsDill(ImportError):
+    """The request pickle needs dill, which is not installed."""
+
+
+def _parse_allow(entries):
+    exact, wild = set(), set()
+    for entry in entries:
+        module, sep, name = str(entry).partition(":")
+        if not sep or not module or not name:
+            raise ValueError(f"unpickle_allow entry {entry!r} is not 'module:name' or 'module:*'")
+        (wild.add(module) if name == "*" else exact.add((module, name)))
+    return frozenset(exact), frozenset(wild)
+
+
+def _lookup(module, name):
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _module_of(obj):
+    mod = getattr(obj, "__module__", None)
+    return mod if isinstance(mod, str) else type(obj).__module__
+
+
+class _Unpickler(pickle._Unpickler):
+    """Restricted unpickler: every global is checked by `find_class`.
+
+    It is the pure-Python unpickler (dill's Unpickler is the C one) because it
+    also has to refuse BUILD/APPEND/SETITEM on the globals it hands out: with
+    the C one a pickle could `setattr` an allowed class (say
+    pandas.DataFrame.__getitem__) for every user of the server. dill's own
+    find_class special cases are reproduced below.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, payload, policy, rules):
+        super().__init__(io.BytesIO(payload))
+        self._policy = policy
+        self._rules = rules
+        self._code_ok = None  # computed on first need (asks the rules once)
+        self._handed_out = {}  # id -> object for every global returned (keeps the ids valid)
+
+    # -- find_class --------------------------------------------------------
+    def find_class(self, module, name):
+        if module == "dill.dill":
+            module = "dill._dill"
+        if (module, name) == ("__builtin__", "NoneType"):  # as dill does
+            return type(None)
+        if self.proto < 3 and (module, name) != ("__builtin__", "__main__"):
+            import _compat_pickle  # Python 2 names, as pickle's own find_class maps them
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+        key = (module, name)
+        if key in _CODE_GLOBALS or (module in _CODE_MODULES and name not in _DILL_DATA):
+            obj = self._code_global(module, name)
+        else:
+            obj = self._data_global(module, name)
+        if inspect.ismodule(obj):
+            raise _Refused(f"global {module}.{name} is refused: it is a module")
+        self._handed_out[id(obj)] = obj
+        return obj
+
+    def _code_global(self, module, name):
+        if (module, name) == ("builtins", "getattr"):
+            return self._getattr  # checks each use: plain zoneinfo pickles need one getattr
+        self._check_code(f"{module}.{name}")
+        if (module, name) == ("__builtin__", "__main__"):
+            return _dill_impl._main_module.__dict__
+        return pickle._Unpickler.find_class(self, module, name)
+
+    def _data_global(self, module, name):
+        if (module, name) in self._policy.exact:
+            if module == "dill._dill":  # checked stand-ins; they also work without dill
+                return {"_load_type": self._load_type, "_eval_repr": self._eval_repr,
+                        "_create_array": self._create_array}[name]
+            return _lookup(module, name)
+        where = f"global {module}.{name} is refused"
+        if "." in name:  # protocol 4 resolves dotted names: random._os.system
+            raise _Refused(f"{where}: dotted names are only loaded when listed in unpickle_allow")
+        if _is_dunder(name):
+            raise _Refused(f"{where}: dunder names are only loaded when listed in unpickle_allow")
+        if module in self._policy.wild:
+            obj = _lookup(module, name)
+            # module:* means the module's own names, not what it imported from elsewhere
+            if _module_of(obj).split(".")[0] != module.split(".")[0]:
+                raise _Refused(f"{where}: it comes from {_module_of(obj)}, outside {module}")
+            return obj
+        if not self._rules.allows(module):
+            raise _Refused(f"{where}: not in unpickle_allow and module {module!r} is not allowed for this user")
+        obj = _lookup(module, name)
+        if not inspect.ismodule(obj) and not self._rules.allows(_module_of(obj)):
+            raise _Refused(f"{where}: it comes from module {_module_of(obj)!r}, which is not allowed for this user")
+        return obj
+
+    def _check_code(self, what):
+        if self._code_ok is None:
+            self._code_ok = bool(self._policy.allow_code and self._rules.allows("builtins"))
+        if not self._code_ok:
+            if not self._policy.allow_code:
+                raise _Refused(f"code objects are refused: python.allow_code is false (server runs Python "
+                               f"{_PY_MINOR}; dill code only loads on the same minor); the request needs {what}")
+            raise _Refused(f"code objects are refused: the user's rules do not allow 'builtins'; "
+                           f"the request needs {what}")
+        if dill is None:
+            raise _NeedsDill(f"the request needs {what}, but dill is not installed on the server")
+
+    # -- stand-ins for dill's data helpers ------------------------------------
+    def _load_type(self, name):
+        t = _PLAIN_TYPES.get(name)
+        if t is not None:
+            return t
+        self._check_code(f"dill._dill._load_type({name!r})")
+        return _dill_impl._load_type(name)
+
+    def _eval_repr(self, text):
+        # dill pickles range, Ellipsis and NotImplemented as eval(repr): parse those, eval nothing.
+        if text in ("Ellipsis", "NotImplemented"):
+            return getattr(builtins, text)
+        m = _RANGE_REPR.fullmatch(str(text))
+        if m:
+            return range(*(int(g) for g in m.groups() if g is not None))
+        self._check_code(f"dill._dill._eval_repr({str(text)[:60]!r})")
+        return _dill_impl._eval_repr(text)
+
+    def _getattr(self, obj, name, *default):
+        zoneinfo = sys.modules.get("zoneinfo")
+        if zoneinfo is not None and obj is zoneinfo.ZoneInfo and name == "_unpickle":
+            return obj._unpickle
+        self._check_code(f"builtins.getattr(..., {str(name)[:60]!r})")
+        return getattr(obj, name, *default)
+
+    def _create_array(self, f, args, state, npdict=None):
+        array = f(*args)
+        np = sys.modules.get("numpy")
+        if np is None or not isinstance(array, np.ndarray):
+            raise _Refused("dill._dill._create_array only rebuilds numpy arrays")
+        array.__setstate__(state)
+        if npdict is not None:
+            array.__dict__.update(npdict)
+        return array
+
+    def _guard_target(self, target):
+        if target is None:
+            return
+        if id(target) in self._handed_out or isinstance(target, (type, types.ModuleType)) \
+                or inspect.isroutine(target):
+            raise _Refused(f"the pickle tries to modify {type(target).__name__} {getattr(target, '__name__', '')!r}"
+                           f" in place; only objects it creates itself may be modified")
+
+
+def _guarded(opcode, target):
+    original = pickle._Unpickler.dispatch[opcode[0]]
+
+    def load(self):
+        try:
+            obj = target(self)
+        except IndexError:  # malformed stack: let the original opcode report it
+            obj = None
+        self._guard_target(obj)
+        original(self)
+    return load
+
+
+def _below_mark(self):
+    return self.metastack[-1][-1] if self.metastack and self.metastack[-1] else None
+
+
+for _op, _target in ((pickle.BUILD, lambda s: s.stack[-2]), (pickle.APPEND, lambda s: s.stack[-2]),
+                     (pickle.SETITEM, lambda s: s.stack[-3]), (pickle.APPENDS, _below_mark),
+                     (pickle.SETITEMS, _below_mark), (pickle.ADDITEMS, _below_mark)):
+    _Unpickler.dispatch[_op[0]] = _guarded(_op, _target)
+
+
+class _Policy:
+    __slots__ = ("exact", "wild", "allow_code")
+
+    def __init__(self, exact, wild, allow_code):
+        self.exact, self.wild, self.allow_code = exact, wild, allow_code
+
+
+# ---------------------------------------------------------------------------
+# Request validation and log summary
+# ---------------------------------------------------------------------------
+
+def _check_calls(calls, where, classes, depth=0):
+    rpc_call, rpc_client = classes
+    if depth > 16:
+        raise ValueError("lazy chains are nested more than 16 deep")
+    if not isinstance(calls, (list, tuple)):
+        raise ValueError(f"{where} must be a list of ksrpc.client.RpcCall, not {type(calls).__name__}")
+    for i, c in enumerate(calls):
+        here = f"{where}[{i}]"
+        if not isinstance(c, rpc_call):
+            raise ValueError(f"{here} must be a ksrpc.client.RpcCall, not {type(c).__name__}")
+        name, args, kwargs = (getattr(c, a, _MISSING) for a in ("name", "args", "kwargs"))
+        if not isinstance(name, str):
+            raise ValueError(f"{here}.name must be a str")
+        if args is not None and not isinstance(args, (tuple, list)):
+            raise ValueError(f"{here}.args must be a tuple, a list or None")
+        if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs)):
+            raise ValueError(f"{here}.kwargs must be a dict with str keys or None")
+        for v in list(args or ()) + list((kwargs or {}).values()):
+            if isinstance(v, rpc_client):
+                state = vars(v)  # never getattr: the real RpcClient invents attributes
+                if not isinstance(state.get("_module"), str):
+                    raise ValueError(f"{here} has a nested RpcClient without a str module")
+                _check_calls(state.get("_calls"), f"{here} nested chain calls", classes, depth + 1)
+
+
+def _validate(req, classes):
+    if not isinstance(req, dict):
+        raise ValueError(f"request must be a dict, not {type(req).__name__}")
+    missing = [k for k in ("module", "calls", "ref_id") if k not in req]
+    if missing:
+        raise ValueError(f"request lacks {', '.join(missing)}")
+    module, calls, ref_id = req["module"], req["calls"], req["ref_id"]
+    if not isinstance(module, str):
+        raise ValueError(f"module must be a str, not {type(module).__name__}")
+    if type(ref_id) is not int or not 0 <= ref_id < 2 ** 63:
+        raise ValueError("ref_id must be an int in [0, 2**63)")
+    _check_calls(calls, "calls", classes)
+    return module, list(calls), ref_id
+
+
+def _summarize(module, calls, ref_id=0):
+    """The chain for logs: argument counts only, never values (logins pass passwords)."""
+    parts = [module]
+    for c in calls:
+        if c.args is None:
+            parts.append(c.name)
+            continue
+        n, k = len(c.args), len(c.kwargs or {})
+        counts = [f"{n} arg{'s' if n != 1 else ''}"] if n else []
+        counts += [f"{k} kwarg{'s' if k != 1 else ''}"] if k else []
+        parts.append(f"{c.name}({', '.join(counts)})")
+    return ".".join(parts) + (" [handle]" if ref_id else "")
+
+
+def _one_line(text, limit=300):
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------
+# Replies
+# ---------------------------------------------------------------------------
+
+def _qualified(cls):
+    name = getattr(cls, "__qualname__", cls.__name__)
+    return name if cls.__module__ == "builtins" else f"{cls.__module__}.{name}"
+
+
+def _safe_str(exc):
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def _public_exception(exc):
+    """An exception the 0.8.1 client can unpickle and `raise` (pitfalls.md item 6).
+
+    Builtin Exception subclasses (StopIteration and StopAsyncIteration included)
+    are kept. SystemExit, KeyboardInterrupt and other BaseExceptions, exception
+    groups and classes the client may not have become their nearest builtin
+    Exception base with the message "module.Qualname: message".
+    """
+    cls = type(exc)
+    if cls.__module__ == "builtins" and isinstance(exc, Exception) and not isinstance(exc, _ExceptionGroup):
+        return exc
+    msg = f"{_qualified(cls)}: {_safe_str(exc)}"
+    for base in cls.__mro__:
+        if base.__module__ == "builtins" and issubclass(base, Exception) and not issubclass(base, _ExceptionGroup):
+            try:
+                new = base(msg)
+                pickle.loads(pickle.dumps(new))  # UnicodeError-like bases need more arguments
+                return new
+            except Exception:
+                continue
+    return RuntimeError(msg)
+
+
+def _reply_dict(module, status, data, ref_id=0, calls=(), tb=None):
+    return dict(status=status, datetime=datetime.now().isoformat(), module=module, calls=list(calls),
+                ref_id=ref_id, type=type(data).__name__, data=data, traceback=tb)
+
+
+def error_reply(module, exc, tb=""):
+    """A pickled 500 reply for `exc`; never raises."""
+    module = module if isinstance(module, str) else "?"
+    data = _public_exception(exc)
+    try:
+        return pickle.dumps(_reply_dict(module, 500, data, tb=tb or ""), protocol=5)
+    except Exception as e:  # an argument of a builtin exception does not pickle
+        try:
+            text = repr(exc)
+        except Exception:
+            text = f"<unprintable {type(exc).__name__}>"
+        data = RuntimeError(f"{text} (the exception did not pickle: {_one_line(repr(e))})")
+        return pickle.dumps(_reply_dict(module, 500, data, tb=tb or ""), protocol=5)
+
+
+def _ok_reply(module, data, ref_id=0, calls=()):
+    """Pickle a 200 reply: pickle, then dill, else a 500 saying why."""
+    d = _reply_dict(module, 200, data, ref_id, calls)
+    try:
+        return 200, pickle.dumps(d, protocol=5)
+    except MemoryError:
+        raise
+    except Exception as e:
+        first = e
+    if dill is not None:
+        try:
+            return 200, dill.dumps(d, protocol=5)
+        except MemoryError:
+            raise
+        except Exception:
+            pass
+    tb = "".join(traceback.format_exception(type(first), first, first.__traceback__))
+    del d
+    exc = RuntimeError(f"the result ({type(data).__name__}) could not be pickled: {_one_line(repr(first))}")
+    return 500, error_reply(module, exc, tb)
+
+
+# ---------------------------------------------------------------------------
+# Threads: the asyncio loop, the serial worker, waiting with timeout and cancel
+# ---------------------------------------------------------------------------
+
+async def _guard(awaitable):
+    """Run `awaitable` on the loop, returning (ok, value-or-exception).
+
+    asyncio re-raises SystemExit/KeyboardInterrupt out of run_forever (it would
+    kill the loop thread) and StopAsyncIteration does not cross a Task cleanly,
+    so every exception except cancellation travels back as a value.
+    """
+    try:
+        return True, await awaitable
+    except asyncio.CancelledError:
+        raise
+    except BaseException as e:
+        return False, e
+
+
+class _SerialWorker:
+    """One daemon thread running submitted functions in order (SDKs keep sessions in thread-locals)."""
+
+    def __init__(self, name):
+        import queue
+        self._queue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args):
+        fut = concurrent.futures.Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # SystemExit in a call must not end the worker
+                fut.set_exception(e)
+            del fut, fn, args, item
+
+    def stop(self):
+        self._queue.put(None)
+
+
+class _CallState:
+    __slots__ = ("cancelled", "future")
+
+    def __init__(self):
+        self.cancelled = False
+        self.future = None
+
+
+class _Ctx:
+    """One call: who asks, under which rules, until when."""
+    __slots__ = ("user", "rules", "builtins", "state", "deadline")
+
+    def __init__(self, user, rules, state, deadline):
+        self.user, self.rules, self.state, self.deadline = user, rules, state, deadline
+        self.builtins = bool(rules.allows("builtins"))
+
+
+# ---------------------------------------------------------------------------
+# Generator handles
+# ---------------------------------------------------------------------------
+
+class _Handle:
+    __slots__ = ("user", "gen", "serial", "last")
+
+    def __init__(self, user, gen, serial):
+        self.user, self.gen, self.serial, self.last = user, gen, serial, time.monotonic()
+
+
+class _Handles:
+    """Generators kept between calls: random ids, owned by a user, idle TTL, per-user LRU cap."""
+
+    def __init__(self, ttl, cap):
+        self._ttl, self._cap = float(ttl), max(1, int(cap))
+        self._lock = threading.Lock()
+        self._items = {}  # id -> _Handle, least recently used first
+
+    def _expire(self, now):
+        old = [k for k, h in self._items.items() if now - h.last > self._ttl]
+        return [self._items.pop(k) for k in old]
+
+    def add(self, user, gen, serial):
+        with self._lock:
+            dropped = self._expire(time.monotonic())
+            mine = [k for k, h in self._items.items() if h.user == user]
+            while len(mine) >= self._cap:
+                dropped.append(self._items.pop(mine.pop(0)))
+            hid = 0
+            while hid == 0 or hid in self._items:
+                hid = secrets.randbits(63)
+            self._items[hid] = _Handle(user, gen, serial)
+        del dropped  # generators are finalized here, outside the lock
+        return hid
+
+    def take(self, user, hid):
+        with self._lock:
+            now = time.monotonic()
+            dropped = self._expire(now)
+            h = self._items.get(hid)
+            if h is not None and h.user == user:
+                h.last = now
+                self._items[hid] = self._items.pop(hid)  # most recently used goes last
+            else:
+                h = None
+        del dropped
+        if h is None:
+            # Not StopIteration: the client would silently end the user's iteration.
+            raise LookupError(f"generator handle {hid} is unknown: it expired (idle > {self._ttl:g} s), "
+                              f"was evicted (over {self._cap} per user), was exhausted, or belongs to another user")
+        return h
+
+    def drop(self, hid):
+        with self._lock:
+            h = self._items.pop(hid, None)
+        del h
+
+    def clear(self):
+        with self._lock:
+            items, self._items = self._items, {}
+        del items
+
+
+# ---------------------------------------------------------------------------
+# The executor
+# ---------------------------------------------------------------------------
+
+class Executor:
+    """Runs ksrpc 0.8.1 calls for the Rust server; `handle` is called from many threads."""
+
+    def __init__(self, *, unpickle_allow=(), allow_code=False, handle_ttl=600.0, handle_cap=64,
+                 call_timeout=600.0, serial_modules=()):
+        exact, wild = _parse_allow(DEFAULT_UNPICKLE_ALLOW + tuple(unpickle_allow))
+        self._policy = _Policy(exact, wild, bool(allow_code))
+        from ksrpc.client import RpcCall, RpcClient, _Self  # the stand-ins, or the real package
+        self._RpcCall, self._RpcClient, self._Self = RpcCall, RpcClient, _Self
+        self._call_timeout = float(call_timeout)
+        self._serial_patterns = tuple(serial_modules)
+        self._handles = _Handles(handle_ttl, handle_cap)
+        self._calls = {}  # call_id -> _CallState, for cancel()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._serial = _SerialWorker("ksrpc-serial") if self._serial_patterns else None
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._run_loop, name="ksrpc-asyncio", daemon=True)
+        self._loop_thread.start()
+
+    def _run_loop(self):
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    # -- public API ------------------------------------------------------------
+    def handle(self, call_id, user, rules, payload):
+        """One request -> (reply_status, bad_request, reply_bytes, summary). Never raises."""
+        module, summary = "?", "<undecodable>"
+        state = _CallState()
+        try:
+            with self._lock:
+                self._calls[call_id] = state
+            try:
+                req = _Unpickler(bytes(payload), self._policy, rules).load()
+            except (KeyboardInterrupt, SystemExit, TimeoutError, asyncio.CancelledError):
+                raise  # injected by the server (timeout, shutdown), not the request's fault
+            except BaseException as e:
+                msg = _one_line(e if isinstance(e, (_Refused, _NeedsDill)) else
+                                f"undecodable request pickle: {type(e).__name__}: {_safe_str(e)}")
+                return 500, msg, self._bad_reply(e, msg), summary
+            try:
+                module, calls, ref_id = _validate(req, (self._RpcCall, self._RpcClient))
+            except Exception as e:
+                msg = _one_line(f"invalid request: {_safe_str(e)}")
+                return 500, msg, self._bad_reply(e, msg), "<invalid>"
+            del req
+            summary = _summarize(module, calls, ref_id)
+            ctx = _Ctx(user, rules, state, time.monotonic() + self._call_timeout)
+            try:
+                status, reply = self._execute(ctx, module, calls, ref_id)
+            except BaseException as e:
+                status, reply = 500, error_reply(module, e, traceback.format_exc())
+            return status, None, reply, summary
+        except BaseException as e:  # last resort, e.g. an exception injected while replying
+            return 500, None, error_reply(module, e, traceback.format_exc()), summary
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
+
+    def cancel(self, call_id):
+        """Stop waiting for call `call_id` (its client went away); cancels its coroutine."""
+        with self._lock:
+            state = self._calls.get(call_id)
+        if state is not None:
+            state.cancelled = True
+            fut = state.future
+            if fut is not None:
+                fut.cancel()
+
+    def close(self):
+        """Cancel the loop's tasks, stop the loop and the serial thread, drop the handles."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def shutdown():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks, timeout=2) if tasks else None
+            await self._loop.shutdown_asyncgens()
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
+        except BaseException:
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(5)
+        if not self._loop_thread.is_alive():
+            self._loop.close()
+        if self._serial is not None:
+            self._serial.stop()
+        self._handles.clear()
+
+    # -- one call --------------------------------------------------------------
+    def _bad_reply(self, exc, msg):
+        keep = (PermissionError, ImportError, TypeError, ValueError)
+        cls = next((c for c in keep if isinstance(exc, c)), ValueError)
+        return error_reply("?", cls(msg), "")
+
+    def _is_serial(self, module):
+        return any(fnmatchcase(module, p) for p in self._serial_patterns)
+
+    def _execute(self, ctx, module, calls, ref_id):
+        echo = ()
+        if ref_id and any(c.name in _ADVANCE for c in calls):
+            result = self._advance(ctx, ref_id)  # the chain that made the generator is not re-run
+        elif self._serial is not None and self._is_serial(module):
+            result = self._wait(ctx, self._serial.submit(self._resolve, ctx, module, calls))
+        else:
+            result = self._resolve(ctx, module, calls)
+        new_ref = 0
+        if isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)):
+            new_ref = self._handles.add(ctx.user, result, self._serial is not None and self._is_serial(module))
+            result = None
+            # names only: the client appends __anext__ and sends them back; big arguments stay here
+            echo = [self._RpcCall(c.name, None, None) for c in calls]
+        return _ok_reply(module, result, new_ref, echo)
+
+    def _advance(self, ctx, hid):
+        h = self._handles.take(ctx.user, hid)
+        try:
+            if isinstance(h.gen, types.AsyncGeneratorType):
+                return self._await(ctx, h.gen.__anext__())
+            if h.serial:
+                return self._wait(ctx, self._serial.submit(next, h.gen))
+            return next(h.gen)
+        except (StopIteration, StopAsyncIteration):
+            self._handles.drop(hid)
+            raise StopAsyncIteration() from None  # the 0.8.1 client ends iteration on it
+        except BaseException:
+            self._handles.drop(hid)  # a generator that raised is finished
+            raise
+
+    def _await(self, ctx, awaitable):
+        if self._closed:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
+            raise RuntimeError("the executor is closed")
+        ok, value = self._wait(ctx, asyncio.run_coroutine_threadsafe(_guard(awaitable), self._loop))
+        if ok:
+            return value
+        raise value
+
+    def _wait(self, ctx, fut):
+        """Wait for `fut` until the call's deadline or cancel(); short slices let injected
+        exceptions (the server's own timeout) arrive promptly."""
+        ctx.state.future = fut
+        try:
+            if ctx.state.cancelled:
+                fut.cancel()
+            while True:
+                remaining = ctx.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"the call took longer than {self._call_timeout:g} s")
+                done, _ = concurrent.futures.wait([fut], timeout=min(remaining, 0.25))
+                if done:
+                    try:
+                        return fut.result()
+                    except concurrent.futures.CancelledError:
+                        raise RuntimeError("the call was cancelled") from None
+        finally:
+            ctx.state.future = None
+            if not fut.done():
+                fut.cancel()
+
+    # -- chain resolution --------------------------------------------------------
+    def _import(self, ctx, name):
+        if not ctx.rules.allows(name):
+            raise PermissionError(f"import of {name!r} is not allowed for user {ctx.user!r}")
+        mod = importlib.import_module(name)
+        real = getattr(mod, "__name__", name)
+        if not isinstance(real, str) or not ctx.rules.allows(real):  # os.path is posixpath
+            raise PermissionError(f"module {name!r} is {real!r}, which is not allowed for user {ctx.user!r}")
+        return mod
+
+    def _submodule(self, ctx, mod, name):
+        full = f"{getattr(mod, '__name__', '')}.{name}"
+        if full not in sys.modules:
+            try:  # find_spec looks without running the submodule
+                if importlib.util.find_spec(full) is None:
+                    return _MISSING
+            except (ImportError, ValueError, AttributeError):
+                return _MISSING
+        return self._import(ctx, full)
+
+    def _check_reached(self, ctx, obj):
+        """Every object a chain reaches: modules need rules, interpreter internals need builtins."""
+        if inspect.ismodule(obj):
+            name = getattr(obj, "__name__", None)
+            if not isinstance(name, str) or not ctx.rules.allows(name):
+                raise PermissionError(f"module {name!r} is not allowed for user {ctx.user!r}")
+        elif not ctx.builtins and (
+                isinstance(obj, _INTERNAL_TYPES)
+                or (isinstance(obj, types.BuiltinFunctionType) and getattr(obj, "__self__", None) is builtins)
+                or (isinstance(obj, dict) and (obj is vars(builtins) or "__builtins__" in obj))):
+            raise PermissionError(f"{type(obj).__name__} objects are refused: the rules of user {ctx.user!r} "
+                                  f"do not allow 'builtins'")
+
+    def _resolve(self, ctx, module, calls):
+        obj = self._import(ctx, module)
+        for c in calls:
+            if ctx.state.cancelled:
+                raise RuntimeError("the call was cancelled")
+            if c.name:  # an empty name is skipped, as in 0.8.1
+                obj = self._step(ctx, obj, c)
+        return obj
+
+    def _step(self, ctx, obj, c):
+        name = c.name
+        if _is_dunder(name) and name not in SAFE_DUNDERS and not ctx.builtins:
+            raise PermissionError(f"attribute {name!r} is refused: the rules of user {ctx.user!r} do not allow "
+                                  f"'builtins', and only these dunders are open: {', '.join(sorted(SAFE_DUNDERS))}")
+        is_builtin = False
+        value = getattr(obj, name, _MISSING)  # 1. attribute
+        if value is _MISSING and inspect.ismodule(obj):  # 2. submodule, or the stub of the module
+            value = _stub_function(obj) if name == "generate_stub" else self._submodule(ctx, obj, name)
+        if value is _MISSING:  # 3. a builtin
+            value = getattr(builtins, name, _MISSING)
+            if value is _MISSING:
+                raise AttributeError(f"{type(obj).__name__} object has no attribute, submodule or builtin {name!r}")
+            if not ctx.builtins:
+                raise PermissionError(f"builtin {name!r} is refused: the rules of user {ctx.user!r} "
+                                      f"do not allow 'builtins'")
+            is_builtin = True
+        self._check_reached(ctx, value)
+        if c.args is None:
+            return value
+        args = [self._argument(ctx, a) for a in c.args]
+        kwargs = {k: self._argument(ctx, v) for k, v in (c.kwargs or {}).items()}
+        is_self = lambda a: isinstance(a, self._Self)  # noqa: E731
+        if is_builtin:  # demo.LIST.len(Self) == len(demo.LIST)
+            args = [obj if is_self(a) else a for a in args]
+            kwargs = {k: obj if is_self(v) else v for k, v in kwargs.items()}
+        elif any(map(is_self, args)) or any(map(is_self, kwargs.values())):
+            raise TypeError(f"Self stands for the current object only in a builtin call such as "
+                            f"demo.LIST.len(Self); {name!r} is not a builtin")
+        if not (callable(value) or name.endswith("__call__")):
+            return value  # arguments to a non-callable are ignored, as in 0.8.1
+        result = value(*args, **kwargs)
+        if asyncio.iscoroutine(result):
+            result = self._await(ctx, result)
+        self._check_reached(ctx, result)
+        return result
+
+    def _argument(self, ctx, value):
+        if isinstance(value, self._RpcClient):  # a lazy chain: resolve it first, same user and rules
+            state = vars(value)
+            return self._resolve(ctx, state["_module"], state["_calls"])
+        return value
+
+
+# ---------------------------------------------------------------------------
+# generate_stub: a .pyi text from inspect (0.8.1 used mypy's stubgen)
+# ---------------------------------------------------------------------------
+
+def _stub_function(module):
+    def generate_stub(*_args, **_kwargs):  # the client sends module=<name>; the chain already has it
+        return _StubWriter(module).text()
+    return generate_stub
+
+
+def generate_stub(module):
+    """The text of a .pyi stub for `module`: functions, classes, constants, docstrings."""
+    return _StubWriter(module).text()
+
+
+class _Text:
+    """A default or annotation printed as given."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
+_DOTTED = re.compile(r"\b([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)")
+_CLASS_NOISE = {"__dict__", "__weakref__", "__module__", "__doc__", "__qualname__", "__annotations__",
+                "__slots__", "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__"}
+
+
+class _StubWriter:
+    def __init__(self, module):
+        self.module = module
+        self.imports = set()
+
+    def text(self):
+        mod = self.module
+        body = []
+        names = getattr(mod, "__all__", None)
+        explicit = isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
+        if not explicit:
+            names = [n for n in vars(mod) if not n.startswith("_")]
+        for name in names:
+            obj = getattr(mod, name, _MISSING)
+            if obj is _MISSING or inspect.ismodule(obj):
+                continue
+            own = explicit or getattr(obj, "__module__", None) == mod.__name__
+            if inspect.isclass(obj):
+                body += self.klass(name, obj, "") if own else []
+            elif inspect.isroutine(obj):
+                body += self.function(name, obj, "") if own else []
+            else:
+                body.append(f"{name}: {self.type_of(obj)}")
+        head = [self.docstring(mod, "")] if mod.__doc__ else []
+        head += ["from typing import Any"] + [f"import {m}" for m in sorted(self.imports)]
+        return "\n".join(head + [""] + body) + "\n"
+
+    def docstring(self, obj, indent):
+        doc = inspect.cleandoc(obj.__doc__) if isinstance(getattr(obj, "__doc__", None), str) else ""
+        if not doc:
+            return ""
+        doc = doc.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+        return "\n".join(f"{indent}{line}" if line else "" for line in f'"""{doc}"""'.split("\n"))
+
+    def annotation(self, a):
+        if isinstance(a, str):
+            return a
+        if a is None or a is type(None):
+            return "None"
+        if isinstance(a, type) and not getattr(a, "__args__", None):
+            if a.__module__ in ("builtins", self.module.__name__):
+                return a.__qualname__
+            text = f"{a.__module__}.{a.__qualname__}"
+        else:
+            text = repr(a)
+        for dotted in _DOTTED.findall(text):  # import the modules the annotation names
+            mod = dotted.rsplit(".", 1)[0]
+            while mod and mod not in sys.modules:
+                mod = mod.rpartition(".")[0]
+            if mod and mod != "builtins":
+                self.imports.add(mod)
+        try:
+            compile(text, "<annotation>", "eval")
+        except SyntaxError:
+            return "Any"
+        return text
+
+    def type_of(self, obj):
+        return self.annotation(type(obj))
+
+    def signature(self, fn, drop_first=False):
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            return "(*args, **kwargs)"
+        params = []
+        for p in sig.parameters.values():
+            p = p.replace(default=_Text("...") if p.default is not p.empty else p.empty,
+                          annotation=_Text(self.annotation(p.annotation)) if p.annotation is not p.empty else p.empty)
+            params.append(p)
+        ret = sig.return_annotation
+        ret = _Text(self.annotation(ret)) if ret is not sig.empty else sig.empty
+        try:
+            return str(sig.replace(parameters=params, return_annotation=ret))
+        except ValueError:
+            return "(*args, **kwargs)"
+
+    def function(self, name, fn, indent, decorator=None):
+        fn_core = getattr(fn, "__func__", fn)
+        prefix = "async def" if inspect.iscoroutinefunction(fn_core) or inspect.isasyncgenfunction(fn_core) \
+            else "def"
+        lines = [f"{indent}@{decorator}"] if decorator else []
+        head = f"{indent}{prefix} {name}{self.signature(fn_core)}:"
+        doc = self.docstring(fn_core, indent + "    ")
+        return lines + ([head, doc, f"{indent}    ..."] if doc else [f"{head} ..."])
+
+    def klass(self, name, cls, indent, depth=0):
+        bases = [self.annotation(b) for b in cls.__bases__ if b is not object]
+        lines = [f"{indent}class {name}{'(' + ', '.join(bases) + ')' if bases else ''}:"]
+        inner = indent + "    "
+        doc = self.docstring(cls, inner)
+        members = [doc] if doc else []
+        for key, value in vars(cls).items():
+            if key in _CLASS_NOISE or (key.startswith("_") and not _is_dunder(key)):
+                continue
+            if isinstance(value, staticmethod):
+                members += self.function(key, value.__func__, inner, "staticmethod")
+            elif isinstance(value, classmethod):
+                members += self.function(key, value.__func__, inner, "classmethod")
+            elif isinstance(value, property):
+                ret = "Any"
+                if value.fget is not None:
+                    try:
+                        ann = inspect.signature(value.fget).return_annotation
+                        ret = self.annotation(ann) if ann is not inspect.Signature.empty else "Any"
+                    except (TypeError, ValueError):
+                        pass
+                members += [f"{inner}@property", f"{inner}def {key}(self) -> {ret}: ..."]
+            elif inspect.isclass(value) and depth < 3:
+                members += self.klass(key, value, inner, depth + 1)
+            elif inspect.isroutine(value):
+                members += self.function(key, value, inner)
+            elif not _is_dunder(key):
+                members.append(f"{inner}{key}: {self.type_of(value)}")
+        return lines + (members or [f"{inner}..."])

@@ -1,0 +1,359 @@
+//! The server configuration: built-in defaults < TOML file (`--config PATH`
+//! or `KSRPC_CONFIG`) < `KSRPC_*` environment (`KSRPC_SERVER__PORT=9000`) <
+//! command-line flags. Unknown keys are errors that name the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use ksrpc_core::codec::{ChunkedZlib, Level, Limits, DEFAULT_MAX_ENCODED_SLICE, DEFAULT_SLICE_SIZE};
+use ksrpc_py::PythonConfig;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where and how to listen.
+    pub server: ServerSection,
+    /// Users by name. Empty: one `admin` with a random password, demo only.
+    pub users: BTreeMap<String, UserSection>,
+    /// What a request may cost.
+    pub limits: LimitsSection,
+    /// The chunked-zlib framing of replies.
+    pub codec: CodecSection,
+    /// The embedded interpreter.
+    pub python: PythonSection,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Address to bind; the default only accepts local connections.
+    pub host: String,
+    /// TCP port (0 picks a free one and prints it).
+    pub port: u16,
+    /// URL prefix of the routes; may hold `{name}` placeholders.
+    pub path: String,
+    /// Seconds `X-Timestamp` may differ from the server clock; 0 disables.
+    pub timestamp_window: f64,
+    /// Seconds in-flight calls get to finish on SIGINT/SIGTERM.
+    pub shutdown_grace: u64,
+    /// HTTP worker threads (0 = one per core).
+    pub workers: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            path: "/api/v1".into(),
+            timestamp_window: 30.0,
+            shutdown_grace: 30,
+            workers: 0,
+        }
+    }
+}
+
+/// `[users.NAME]`: exactly one of `password` and `password_hash`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserSection {
+    /// Plain-text password (works; the server warns at start-up).
+    pub password: Option<String>,
+    /// argon2id PHC hash from `ksrpc-server hash-password`.
+    pub password_hash: Option<String>,
+    /// Ordered `allow PATTERN` / `deny PATTERN` rules; no match denies.
+    pub rules: Vec<String>,
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Most request bytes on the wire.
+    pub max_body_bytes: u64,
+    /// Most bytes a request may decode to.
+    pub max_decoded_bytes: u64,
+    /// Largest pickled reply; bigger results become a 500 reply.
+    pub max_reply_bytes: u64,
+    /// Seconds a call may run.
+    pub call_timeout: f64,
+    /// Calls one user may have in flight.
+    pub max_calls_per_user: usize,
+    /// Seconds an idle generator handle lives.
+    pub handle_ttl: f64,
+    /// Generator handles per user.
+    pub handle_cap: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let py = PythonConfig::default();
+        let lim = Limits::default();
+        LimitsSection {
+            max_body_bytes: lim.max_encoded,
+            max_decoded_bytes: lim.max_decoded,
+            max_reply_bytes: py.max_reply_bytes,
+            call_timeout: py.call_timeout,
+            max_calls_per_user: py.max_calls_per_user,
+            handle_ttl: py.handle_ttl,
+            handle_cap: py.handle_cap,
+        }
+    }
+}
+
+/// `[codec]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodecSection {
+    /// Payload bytes per slice.
+    pub slice_size: usize,
+    /// `0`..`9`, or `"auto"` (stored for incompressible slices, else 6).
+    pub level: LevelSetting,
+}
+
+impl Default for CodecSection {
+    fn default() -> Self {
+        CodecSection { slice_size: DEFAULT_SLICE_SIZE, level: LevelSetting::Name("auto".into()) }
+    }
+}
+
+/// A level as TOML allows writing it: `6` or `"auto"`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LevelSetting {
+    /// `level = 6`
+    Number(u32),
+    /// `level = "auto"` (or `"6"`)
+    Name(String),
+}
+
+impl LevelSetting {
+    fn parse(&self) -> Result<Level> {
+        Ok(match self {
+            LevelSetting::Number(n) => n.to_string().parse()?,
+            LevelSetting::Name(s) => s.parse()?,
+        })
+    }
+}
+
+/// `[python]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PythonSection {
+    /// Virtualenv whose site-packages are added (default `$VIRTUAL_ENV`).
+    pub venv: Option<PathBuf>,
+    /// Extra `sys.path` entries.
+    pub path: Vec<PathBuf>,
+    /// Python threads for synchronous calls.
+    pub threads: usize,
+    /// Extra `module:name` globals the request unpickler accepts.
+    pub unpickle_allow: Vec<String>,
+    /// Accept dill code (lambdas) from users allowed `builtins`.
+    pub allow_code: bool,
+    /// Patterns of modules whose calls run on one dedicated thread.
+    pub serial_modules: Vec<String>,
+}
+
+impl Default for PythonSection {
+    fn default() -> Self {
+        let py = PythonConfig::default();
+        PythonSection {
+            venv: None,
+            path: Vec::new(),
+            threads: py.threads,
+            unpickle_allow: Vec::new(),
+            allow_code: false,
+            serial_modules: Vec::new(),
+        }
+    }
+}
+
+/// Command-line values that override everything else.
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    /// `--host`
+    pub host: Option<String>,
+    /// `--port`
+    pub port: Option<u16>,
+    /// `--path`
+    pub path: Option<String>,
+}
+
+impl Config {
+    /// Loads the layers in order. `file` comes from `--config` or `KSRPC_CONFIG`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!("config file {} does not exist", file.display());
+            }
+            fig = fig.merge(Toml::file_exact(file));
+        }
+        // Only section keys (`KSRPC_SECTION__KEY`): other KSRPC_* variables
+        // (KSRPC_CONFIG, the CLI's KSRPC_CLIENT_*) are not config keys.
+        fig = fig.merge(Env::prefixed("KSRPC_").filter(|k| k.as_str().contains("__")).split("__"));
+        let mut server = serde_json::Map::new();
+        if let Some(h) = &overrides.host {
+            server.insert("host".into(), h.clone().into());
+        }
+        if let Some(p) = overrides.port {
+            server.insert("port".into(), p.into());
+        }
+        if let Some(p) = &overrides.path {
+            server.insert("path".into(), p.clone().into());
+        }
+        if !server.is_empty() {
+            fig = fig.merge(Serialized::default("server", server));
+        }
+        let config: Config = fig.extract().context("invalid configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let path = &self.server.path;
+        if !path.starts_with('/') || path.ends_with('/') {
+            bail!("server.path must start with '/' and not end with one (got {path:?})");
+        }
+        self.codec.level.parse()?;
+        if self.codec.slice_size == 0 || self.codec.slice_size > DEFAULT_MAX_ENCODED_SLICE / 2 {
+            bail!("codec.slice_size must be between 1 and {}", DEFAULT_MAX_ENCODED_SLICE / 2);
+        }
+        for (name, u) in &self.users {
+            match (&u.password, &u.password_hash) {
+                (Some(_), Some(_)) => bail!("users.{name}: set password or password_hash, not both"),
+                (None, None) => bail!("users.{name}: needs password or password_hash"),
+                _ => {}
+            }
+            ksrpc_core::RuleSet::parse(&u.rules).with_context(|| format!("users.{name}.rules"))?;
+        }
+        Ok(())
+    }
+
+    /// The codec replies are encoded with.
+    pub fn codec(&self) -> ChunkedZlib {
+        ChunkedZlib {
+            slice_size: self.codec.slice_size,
+            level: self.codec.level.parse().expect("validated"),
+            max_encoded_slice: DEFAULT_MAX_ENCODED_SLICE,
+        }
+    }
+
+    /// Limits on one request.
+    pub fn limits(&self) -> Limits {
+        Limits { max_encoded: self.limits.max_body_bytes, max_decoded: self.limits.max_decoded_bytes }
+    }
+
+    /// The executor's settings.
+    pub fn python(&self) -> PythonConfig {
+        PythonConfig {
+            venv: self.python.venv.clone(),
+            path: self.python.path.clone(),
+            threads: self.python.threads.max(1),
+            max_calls_per_user: self.limits.max_calls_per_user.max(1),
+            call_timeout: self.limits.call_timeout,
+            handle_ttl: self.limits.handle_ttl,
+            handle_cap: self.limits.handle_cap.max(1),
+            unpickle_allow: self.python.unpickle_allow.clone(),
+            allow_code: self.python.allow_code,
+            serial_modules: self.python.serial_modules.clone(),
+            max_reply_bytes: self.limits.max_reply_bytes,
+        }
+    }
+}
+
+/// Characters the 0.8.1 client's `str(url).rstrip("/chunk")` (and `"/ws"`,
+/// `"/generate_204"`) strips from the end of a cached base URL.
+const RSTRIP_SETS: [&str; 3] = ["/chunk", "/ws", "/generate_204"];
+
+/// Whether the client's URL caching would cut characters off `path`.
+pub fn path_cut_by_client(path: &str) -> Option<&'static str> {
+    let last = path.chars().last()?;
+    RSTRIP_SETS.into_iter().find(|set| set.contains(last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_issue_example_config_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let hash = ksrpc_core::auth::hash_password("pw");
+        std::fs::write(
+            &file,
+            format!(
+                r#"
+[server]
+host = "127.0.0.1"
+port = 8080
+path = "/api/v1"
+timestamp_window = 600.0      # seconds; 0 turns the check off
+
+[users.admin]
+password = "password123"      # plain text works, with a warning at start-up
+rules = ["allow *"]
+
+[users.limited]
+password_hash = "{hash}"
+rules = ["allow ksrpc.server.demo", "allow bench_mod", "deny os", "deny builtins", "deny *"]
+"#
+            ),
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), &Overrides::default()).unwrap();
+        assert_eq!(c.server.timestamp_window, 600.0);
+        assert_eq!(c.users.len(), 2);
+        assert_eq!(c.codec().level, Level::Auto);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[server]\nprot = 1\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&file), &Overrides::default()).unwrap_err());
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_levels_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[server]\nport = 1\n[codec]\nlevel = 3\n").unwrap();
+        let c = Config::load(Some(&file), &Overrides { port: Some(2), ..Overrides::default() }).unwrap();
+        assert_eq!(c.server.port, 2);
+        assert_eq!(c.codec().level, Level::Fixed(3));
+        std::fs::write(&file, "[codec]\nlevel = 12\n").unwrap();
+        assert!(Config::load(Some(&file), &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn users_need_exactly_one_password_form_and_valid_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        for bad in [
+            "[users.a]\nrules = []\n",
+            "[users.a]\npassword = \"x\"\npassword_hash = \"y\"\n",
+            "[users.a]\npassword = \"x\"\nrules = [\"permit *\"]\n",
+        ] {
+            std::fs::write(&file, bad).unwrap();
+            assert!(Config::load(Some(&file), &Overrides::default()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefix_cut_detection() {
+        assert_eq!(path_cut_by_client("/api/v1"), None);
+        assert_eq!(path_cut_by_client("/api/v1/{time}"), None);
+        assert!(path_cut_by_client("/rpc").is_some());
+        assert!(path_cut_by_client("/api/v2").is_some());
+    }
+}

@@ -1,0 +1,77 @@
+//! Every way an HTTP request fails, mapped to a status in one place.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use ksrpc_core::{CodecError, ExecError};
+
+/// A failed HTTP request.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Timestamp missing, not finite or outside the window (403, as the original).
+    #[error("Forbidden")]
+    Forbidden,
+    /// Credentials missing, malformed or wrong (401 + `WWW-Authenticate`).
+    #[error("Unauthorized")]
+    Unauthorized,
+    /// The body is not valid chunked-zlib framing or the request pickle is
+    /// not a valid call (400).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The body or its decoded payload exceeds a limit (413).
+    #[error("payload too large: {0}")]
+    TooLarge(String),
+    /// Too many calls in flight (503).
+    #[error("busy: {0}")]
+    Overloaded(String),
+    /// The server is shutting down (503).
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A server bug (500).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<CodecError> for TransportError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::EncodedTooLarge { .. } | CodecError::DecodedTooLarge { .. } => {
+                TransportError::TooLarge(e.to_string())
+            }
+            CodecError::Cancelled | CodecError::Compress(_) => TransportError::Internal(e.to_string()),
+            _ => TransportError::BadRequest(e.to_string()),
+        }
+    }
+}
+
+impl From<ExecError> for TransportError {
+    fn from(e: ExecError) -> Self {
+        match e {
+            ExecError::BadRequest { message, .. } => TransportError::BadRequest(message),
+            ExecError::Overloaded(m) => TransportError::Overloaded(m),
+            ExecError::ShuttingDown => TransportError::ShuttingDown,
+            ExecError::Internal(m) => TransportError::Internal(m),
+        }
+    }
+}
+
+impl ResponseError for TransportError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            TransportError::Forbidden => StatusCode::FORBIDDEN,
+            TransportError::Unauthorized => StatusCode::UNAUTHORIZED,
+            TransportError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            TransportError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            TransportError::Overloaded(_) | TransportError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            TransportError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status_code());
+        res.insert_header((header::CONTENT_TYPE, "text/plain; charset=utf-8"));
+        if matches!(self, TransportError::Unauthorized) {
+            res.insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="Restricted Area""#));
+        }
+        res.body(self.to_string())
+    }
+}

@@ -1,0 +1,67 @@
+//! Streaming a reply out through the codec, and the one log line per call.
+
+use std::time::Instant;
+
+use actix_web::HttpResponse;
+use bytes::Bytes;
+use futures_util::stream;
+use ksrpc_core::codec::{ChunkedZlib, Codec, Flow};
+use ksrpc_core::CompatReply;
+
+/// Encoded pieces buffered between the encoder and the socket; with the
+/// rayon window this bounds the memory of one reply to the payload plus a
+/// few compressed slices.
+const CHANNEL: usize = 8;
+
+/// One `tracing` line per call: user, chain (argument counts only), reply
+/// status, bytes in and out, milliseconds.
+pub fn log_call(user: &str, reply: &CompatReply, bytes_in: u64, bytes_out: u64, started: Instant) {
+    tracing::info!(
+        user,
+        chain = %reply.summary,
+        status = reply.status,
+        bytes_in,
+        bytes_out,
+        ms = started.elapsed().as_millis() as u64,
+        "call"
+    );
+}
+
+/// The HTTP reply: 200 with a chunked body, slices compressed in parallel
+/// and sent as soon as each is ready. A reply that fits in one slice is
+/// encoded inline (no thread hand-off for small calls).
+pub fn stream_reply(codec: &ChunkedZlib, reply: CompatReply, user: String, bytes_in: u64, started: Instant) -> HttpResponse {
+    let mut res = HttpResponse::Ok();
+    res.content_type("application/octet-stream")
+        .insert_header(("Content-Disposition", format!("attachment; filename=\"{}.pkl.chunked.zip\"", started.elapsed().as_nanos())));
+    if reply.body.len() <= codec.slice_size {
+        let mut out = Vec::new();
+        let r = codec.encode(&mut std::iter::once(reply.body.clone()), &mut |p| {
+            out.push(p);
+            Flow::Continue(())
+        });
+        if let Err(e) = r {
+            tracing::error!("encoding a reply: {e}");
+        }
+        log_call(&user, &reply, bytes_in, out.iter().map(|p| p.len() as u64).sum(), started);
+        return res.streaming(stream::iter(out.into_iter().map(Ok::<Bytes, actix_web::Error>)));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL);
+    let codec = codec.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut bytes_out = 0u64;
+        let r = codec.encode(&mut std::iter::once(reply.body.clone()), &mut |piece| {
+            bytes_out += piece.len() as u64;
+            match tx.blocking_send(piece) {
+                Ok(()) => Flow::Continue(()),
+                Err(_) => Flow::Break(()),
+            }
+        });
+        if let Err(e) = r {
+            tracing::warn!(user, "reply not fully sent: {e}");
+        }
+        log_call(&user, &reply, bytes_in, bytes_out, started);
+    });
+    let body = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<Bytes, actix_web::Error>(b), rx)) });
+    res.streaming(body)
+}
