@@ -94,13 +94,16 @@ impl Default for AuthTuning {
     }
 }
 
+/// Successful verifications: keyed hash of `user:password` -> (user, expiry).
+type VerifiedCache = Mutex<HashMap<[u8; 32], (Arc<User>, Instant)>>;
+
 /// The configured users and the verification machinery.
 pub struct UserStore {
     users: HashMap<String, Arc<User>>,
     /// Verified against for unknown users, so they cost the same.
     dummy_phc: String,
     cache_key: [u8; 32],
-    cache: Mutex<HashMap<[u8; 32], (Arc<User>, Instant)>>,
+    cache: VerifiedCache,
     failures: Mutex<HashMap<String, (u32, Instant)>>,
     slots: (Mutex<usize>, Condvar),
     tuning: AuthTuning,

@@ -39,7 +39,7 @@ impl<A> Call<A> {
     }
 
     /// A call with positional arguments.
-    pub fn call(name: impl Into<String>, positional: Vec<A>) -> Self {
+    pub fn method(name: impl Into<String>, positional: Vec<A>) -> Self {
         Call { name: name.into(), args: Some(Args { positional, keyword: Vec::new() }) }
     }
 }
@@ -136,7 +136,7 @@ mod tests {
 
     #[test]
     fn display_matches_the_original_log_form() {
-        let chain = CallChain::new("ksrpc.server.demo").then(Call::call("add", vec![1, 2]));
+        let chain = CallChain::new("ksrpc.server.demo").then(Call::method("add", vec![1, 2]));
         assert_eq!(chain.to_string(), "ksrpc.server.demo.add(1,2)");
         let chain = CallChain::<i32>::new("m")
             .then(Call::attr("x"))
@@ -146,7 +146,7 @@ mod tests {
 
     #[test]
     fn summary_hides_values() {
-        let chain = CallChain::new("sdk").then(Call::call("auth", vec!["user", "secret"]));
+        let chain = CallChain::new("sdk").then(Call::method("auth", vec!["user", "secret"]));
         let s = chain.summary().to_string();
         assert_eq!(s, "sdk.auth(2 args)");
         assert!(!s.contains("secret"));

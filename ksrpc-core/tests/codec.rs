@@ -124,7 +124,7 @@ fn auto_stores_random_data_and_compresses_text() {
     let r = encode_to_vec(&auto, Bytes::from(random.clone())).unwrap();
     assert!(r.len() > random.len(), "random data should go out stored ({} vs {})", r.len(), random.len());
     let t = encode_to_vec(&auto, Bytes::from(text.clone())).unwrap();
-    let six = encode_to_vec(&ChunkedZlib::with_level(Level::Fixed(6)), Bytes::from(text.clone())).unwrap();
+    let six = encode_to_vec(&ChunkedZlib::with_level(Level::Fixed(6)), Bytes::from(text)).unwrap();
     assert_eq!(t.len(), six.len(), "compressible data should get level 6");
 }
 
@@ -266,7 +266,7 @@ fn corrupt_slices_are_errors() {
         Err(CodecError::Corrupt { .. } | CodecError::TruncatedSlice { .. })
     ));
     // Two borders in a row: an empty slice.
-    let mut empty = wire.clone();
+    let mut empty = wire;
     empty.extend_from_slice(BORDER);
     assert!(matches!(decode_all(&codec, &empty, Limits::default()), Err(CodecError::EmptySlice { .. })));
     // A valid slice followed by junk before the border.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections.abc
 import concurrent.futures
 import importlib
 import importlib.util
@@ -93,7 +94,8 @@ _PLAIN_TYPES.update(NoneType=type(None), EllipsisType=type(...), NotImplementedT
 _RANGE_REPR = re.compile(r"range\((-?\d{1,30}), (-?\d{1,30})(?:, (-?\d{1,30}))?\)")
 
 # Globals that build code or reach interpreter internals (what dill emits for a lambda, a local
-# function, a closure or a class defined in the client's __main__).
+# function, a closure or a class defined in the client's __main__; `<module>.__dict__` is the
+# globals of a function defined in an importable module).
 _CODE_MODULES = ("__main__", "dill", "dill._dill")
 _CODE_GLOBALS = {("__builtin__", "__main__"), ("builtins", "getattr"), ("builtins", "setattr")}
 _DILL_DATA = {"_create_array", "_load_type", "_eval_repr"}
@@ -130,6 +132,14 @@ def _parse_allow(entries):
             raise ValueError(f"unpickle_allow entry {entry!r} is not 'module:name' or 'module:*'")
         (wild.add(module) if name == "*" else exact.add((module, name)))
     return frozenset(exact), frozenset(wild)
+
+
+class _Policy:
+    """What any request may name: exact (module, name) pairs, whole modules, and code or not."""
+    __slots__ = ("exact", "wild", "allow_code")
+
+    def __init__(self, exact, wild, allow_code):
+        self.exact, self.wild, self.allow_code = exact, wild, allow_code
 
 
 def _lookup(module, name):
@@ -176,12 +186,12 @@ class _Unpickler(pickle._Unpickler):
             elif module in _compat_pickle.IMPORT_MAPPING:
                 module = _compat_pickle.IMPORT_MAPPING[module]
         key = (module, name)
-        if key in _CODE_GLOBALS or (module in _CODE_MODULES and name not in _DILL_DATA):
-            obj = self._code_global(module, name)
+        if key in _CODE_GLOBALS or (module in _CODE_MODULES and name not in _DILL_DATA) or name == "__dict__":
+            obj = self._code_global(module, name)  # with code rights a module is fine (dill closures use dill._dill)
         else:
             obj = self._data_global(module, name)
-        if inspect.ismodule(obj):
-            raise _Refused(f"global {module}.{name} is refused: it is a module")
+            if inspect.ismodule(obj):
+                raise _Refused(f"global {module}.{name} is refused: it is a module")
         self._handed_out[id(obj)] = obj
         return obj
 
@@ -265,7 +275,7 @@ class _Unpickler(pickle._Unpickler):
         return array
 
     def _guard_target(self, target):
-        if target is None:
+        if target is None or self._code_ok:  # code rights can do anything anyway (dill BUILDs functions)
             return
         if id(target) in self._handed_out or isinstance(target, (type, types.ModuleType)) \
                 or inspect.isroutine(target):
@@ -294,13 +304,6 @@ for _op, _target in ((pickle.BUILD, lambda s: s.stack[-2]), (pickle.APPEND, lamb
                      (pickle.SETITEM, lambda s: s.stack[-3]), (pickle.APPENDS, _below_mark),
                      (pickle.SETITEMS, _below_mark), (pickle.ADDITEMS, _below_mark)):
     _Unpickler.dispatch[_op[0]] = _guarded(_op, _target)
-
-
-class _Policy:
-    __slots__ = ("exact", "wild", "allow_code")
-
-    def __init__(self, exact, wild, allow_code):
-        self.exact, self.wild, self.allow_code = exact, wild, allow_code
 
 
 # ---------------------------------------------------------------------------
@@ -410,7 +413,7 @@ def _reply_dict(module, status, data, ref_id=0, calls=(), tb=None):
                 ref_id=ref_id, type=type(data).__name__, data=data, traceback=tb)
 
 
-def error_reply(module, exc, tb=""):
+def error_reply(module: str, exc: BaseException, tb: str = "") -> bytes:
     """A pickled 500 reply for `exc`; never raises."""
     module = module if isinstance(module, str) else "?"
     data = _public_exception(exc)
@@ -588,6 +591,11 @@ class Executor:
 
     def __init__(self, *, unpickle_allow=(), allow_code=False, handle_ttl=600.0, handle_cap=64,
                  call_timeout=600.0, serial_modules=()):
+        """unpickle_allow: extra "module:name" / "module:*" globals a request may name;
+        allow_code: accept dill code objects from users whose rules allow builtins;
+        handle_ttl (s) / handle_cap (per user): generator handles; call_timeout (s): how long a
+        coroutine or serial call may take; serial_modules: fnmatch patterns of modules whose
+        calls run on one dedicated thread."""
         exact, wild = _parse_allow(DEFAULT_UNPICKLE_ALLOW + tuple(unpickle_allow))
         self._policy = _Policy(exact, wild, bool(allow_code))
         from ksrpc.client import RpcCall, RpcClient, _Self  # the stand-ins, or the real package
@@ -608,7 +616,7 @@ class Executor:
         self._loop.run_forever()
 
     # -- public API ------------------------------------------------------------
-    def handle(self, call_id, user, rules, payload):
+    def handle(self, call_id: int, user: str, rules, payload: bytes) -> tuple[int, str | None, bytes, str]:
         """One request -> (reply_status, bad_request, reply_bytes, summary). Never raises."""
         module, summary = "?", "<undecodable>"
         state = _CallState()
@@ -642,7 +650,7 @@ class Executor:
             with self._lock:
                 self._calls.pop(call_id, None)
 
-    def cancel(self, call_id):
+    def cancel(self, call_id: int) -> None:
         """Stop waiting for call `call_id` (its client went away); cancels its coroutine."""
         with self._lock:
             state = self._calls.get(call_id)
@@ -652,11 +660,12 @@ class Executor:
             if fut is not None:
                 fut.cancel()
 
-    def close(self):
+    def close(self) -> None:
         """Cancel the loop's tasks, stop the loop and the serial thread, drop the handles."""
         if self._closed:
             return
         self._closed = True
+        self._handles.clear()  # first, so async generators are finalized while the loop still runs
 
         async def shutdown():
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -674,7 +683,6 @@ class Executor:
             self._loop.close()
         if self._serial is not None:
             self._serial.stop()
-        self._handles.clear()
 
     # -- one call --------------------------------------------------------------
     def _bad_reply(self, exc, msg):
@@ -705,16 +713,19 @@ class Executor:
         h = self._handles.take(ctx.user, hid)
         try:
             if isinstance(h.gen, types.AsyncGeneratorType):
-                return self._await(ctx, h.gen.__anext__())
-            if h.serial:
-                return self._wait(ctx, self._serial.submit(next, h.gen))
-            return next(h.gen)
+                value = self._await(ctx, h.gen.__anext__())
+            elif h.serial:
+                value = self._wait(ctx, self._serial.submit(next, h.gen))
+            else:
+                value = next(h.gen)
         except (StopIteration, StopAsyncIteration):
             self._handles.drop(hid)
             raise StopAsyncIteration() from None  # the 0.8.1 client ends iteration on it
         except BaseException:
             self._handles.drop(hid)  # a generator that raised is finished
             raise
+        self._check_reached(ctx, value)
+        return value
 
     def _await(self, ctx, awaitable):
         if self._closed:
@@ -822,7 +833,7 @@ class Executor:
         if not (callable(value) or name.endswith("__call__")):
             return value  # arguments to a non-callable are ignored, as in 0.8.1
         result = value(*args, **kwargs)
-        if asyncio.iscoroutine(result):
+        if isinstance(result, collections.abc.Coroutine):  # not asyncio.iscoroutine: it accepts generators
             result = self._await(ctx, result)
         self._check_reached(ctx, result)
         return result
@@ -844,7 +855,7 @@ def _stub_function(module):
     return generate_stub
 
 
-def generate_stub(module):
+def generate_stub(module: types.ModuleType) -> str:
     """The text of a .pyi stub for `module`: functions, classes, constants, docstrings."""
     return _StubWriter(module).text()
 
@@ -882,14 +893,15 @@ class _StubWriter:
                 continue
             own = explicit or getattr(obj, "__module__", None) == mod.__name__
             if inspect.isclass(obj):
-                body += self.klass(name, obj, "") if own else []
+                body += ["", *self.klass(name, obj, ""), ""] if own else []
             elif inspect.isroutine(obj):
                 body += self.function(name, obj, "") if own else []
             else:
                 body.append(f"{name}: {self.type_of(obj)}")
         head = [self.docstring(mod, "")] if mod.__doc__ else []
         head += ["from typing import Any"] + [f"import {m}" for m in sorted(self.imports)]
-        return "\n".join(head + [""] + body) + "\n"
+        text = "\n".join(head + [""] + body).strip("\n") + "\n"
+        return re.sub(r"\n{3,}", "\n\n", text)
 
     def docstring(self, obj, indent):
         doc = inspect.cleandoc(obj.__doc__) if isinstance(getattr(obj, "__doc__", None), str) else ""
@@ -924,7 +936,7 @@ class _StubWriter:
     def type_of(self, obj):
         return self.annotation(type(obj))
 
-    def signature(self, fn, drop_first=False):
+    def signature(self, fn):
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError):
@@ -943,8 +955,7 @@ class _StubWriter:
 
     def function(self, name, fn, indent, decorator=None):
         fn_core = getattr(fn, "__func__", fn)
-        prefix = "async def" if inspect.iscoroutinefunction(fn_core) or inspect.isasyncgenfunction(fn_core) \
-            else "def"
+        prefix = "async def" if inspect.iscoroutinefunction(fn_core) else "def"
         lines = [f"{indent}@{decorator}"] if decorator else []
         head = f"{indent}{prefix} {name}{self.signature(fn_core)}:"
         doc = self.docstring(fn_core, indent + "    ")

@@ -68,8 +68,7 @@ pub async fn guard(
         .ok_or_else(|| TransportError::Internal("HttpState is not registered".into()))?
         .clone();
     let header = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
-    check_timestamp(header("X-Timestamp"), now(), state.timestamp_window)
-        .map_err(|_| TransportError::Forbidden)?;
+    check_timestamp(header("X-Timestamp"), now(), state.timestamp_window).map_err(|_| TransportError::Forbidden)?;
     let (name, password) = parse_basic(header("Authorization")).map_err(|_| TransportError::Unauthorized)?;
     let user = authenticate(&state.users, name, password).await?;
     req.extensions_mut().insert(user);
@@ -128,16 +127,15 @@ async fn chunk(
         decoder.feed(&piece)?;
     }
     let payload = decoder.finish()?;
-    let reply = state
-        .executor
-        .call_compat(CompatRequest { user: user.clone(), payload: payload.into() })
-        .await
-        .inspect_err(|e| {
-            let summary = match e {
-                ksrpc_core::ExecError::BadRequest { summary, .. } => summary.as_str(),
-                _ => "<not run>",
-            };
-            tracing::warn!(user = %user.name, chain = %summary, bytes_in, error = %e, "call refused");
-        })?;
+    let reply =
+        state.executor.call_compat(CompatRequest { user: user.clone(), payload: payload.into() }).await.inspect_err(
+            |e| {
+                let summary = match e {
+                    ksrpc_core::ExecError::BadRequest { summary, .. } => summary.as_str(),
+                    _ => "<not run>",
+                };
+                tracing::warn!(user = %user.name, chain = %summary, bytes_in, error = %e, "call refused");
+            },
+        )?;
     Ok(stream_reply(&state.codec, reply, user.name.clone(), bytes_in, started))
 }

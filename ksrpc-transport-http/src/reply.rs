@@ -30,10 +30,18 @@ pub fn log_call(user: &str, reply: &CompatReply, bytes_in: u64, bytes_out: u64, 
 /// The HTTP reply: 200 with a chunked body, slices compressed in parallel
 /// and sent as soon as each is ready. A reply that fits in one slice is
 /// encoded inline (no thread hand-off for small calls).
-pub fn stream_reply(codec: &ChunkedZlib, reply: CompatReply, user: String, bytes_in: u64, started: Instant) -> HttpResponse {
+pub fn stream_reply(
+    codec: &ChunkedZlib,
+    reply: CompatReply,
+    user: String,
+    bytes_in: u64,
+    started: Instant,
+) -> HttpResponse {
     let mut res = HttpResponse::Ok();
-    res.content_type("application/octet-stream")
-        .insert_header(("Content-Disposition", format!("attachment; filename=\"{}.pkl.chunked.zip\"", started.elapsed().as_nanos())));
+    res.content_type("application/octet-stream").insert_header((
+        "Content-Disposition",
+        format!("attachment; filename=\"{}.pkl.chunked.zip\"", started.elapsed().as_nanos()),
+    ));
     if reply.body.len() <= codec.slice_size {
         let mut out = Vec::new();
         let r = codec.encode(&mut std::iter::once(reply.body.clone()), &mut |p| {
@@ -62,6 +70,7 @@ pub fn stream_reply(codec: &ChunkedZlib, reply: CompatReply, user: String, bytes
         }
         log_call(&user, &reply, bytes_in, bytes_out, started);
     });
-    let body = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<Bytes, actix_web::Error>(b), rx)) });
+    let body =
+        stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<Bytes, actix_web::Error>(b), rx)) });
     res.streaming(body)
 }

@@ -69,7 +69,8 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
             Some(Ok(m)) => m,
             Some(Err(e)) => {
                 tracing::debug!(user = %user.name, "websocket protocol error: {e}");
-                let code = if matches!(e, actix_ws::ProtocolError::Overflow) { CloseCode::Size } else { CloseCode::Protocol };
+                let code =
+                    if matches!(e, actix_ws::ProtocolError::Overflow) { CloseCode::Size } else { CloseCode::Protocol };
                 let _ = session.close(close_reason(code, e.to_string())).await;
                 return;
             }

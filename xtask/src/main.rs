@@ -1,3 +1,4 @@
+#![allow(clippy::print_stdout)] // a command-line tool: stdout is its interface
 //! Project automation. `cargo xtask test` is what CI runs; `cargo xtask
 //! bench` and `cargo xtask fuzz` are for people.
 //!

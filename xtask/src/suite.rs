@@ -101,10 +101,12 @@ call_timeout = 60.0
 
 [python]
 venv = "{venv}"
+path = ["{modules}"]
 threads = 8
 allow_code = true
 "#,
-        venv = env.server_venv.display()
+        venv = env.server_venv.display(),
+        modules = root().join("tests/python/server_modules").display(),
     );
     std::fs::write(&file, text)?;
     Ok(file)

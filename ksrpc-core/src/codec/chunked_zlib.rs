@@ -34,18 +34,13 @@ const AUTO_STORED_RATIO: f64 = 0.95;
 const AUTO_SAMPLE: usize = 16 * 1024;
 
 /// The compression level of each slice.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Level {
     /// zlib level 0 (stored) to 9.
     Fixed(u32),
     /// Stored blocks for slices that do not compress, level 6 for those that do.
+    #[default]
     Auto,
-}
-
-impl Default for Level {
-    fn default() -> Self {
-        Level::Auto
-    }
 }
 
 impl fmt::Display for Level {
@@ -153,59 +148,60 @@ impl ChunkedZlib {
         // The first slice waits until we know whether a second one exists.
         let mut first: Option<Bytes> = None;
 
-        let mut submit = |slice: Bytes, inflight: &mut VecDeque<mpsc::Receiver<Vec<u8>>>| -> Result<(), CodecError> {
-            if inflight.len() >= window {
-                let rx = inflight.pop_front().expect("window is non-empty");
-                send(rx, emit)?;
-            }
-            let (tx, rx) = mpsc::sync_channel(1);
-            rayon::spawn(move || {
-                // The receiver may be gone if the peer left; nothing to do then.
-                let _ = tx.send(compress_slice(&slice, level, with_border));
-            });
-            inflight.push_back(rx);
-            Ok(())
-        };
-        let mut push = |slice: Bytes,
-                        first: &mut Option<Bytes>,
-                        inflight: &mut VecDeque<mpsc::Receiver<Vec<u8>>>|
-         -> Result<(), CodecError> {
-            if let Some(f) = first.take() {
-                submit(f, inflight)?;
-                submit(slice, inflight)
-            } else if inflight.is_empty() {
-                *first = Some(slice);
-                Ok(())
-            } else {
-                submit(slice, inflight)
-            }
-        };
+        {
+            let mut submit =
+                |slice: Bytes, inflight: &mut VecDeque<mpsc::Receiver<Vec<u8>>>| -> Result<(), CodecError> {
+                    if inflight.len() >= window {
+                        let rx = inflight.pop_front().expect("window is non-empty");
+                        send(&rx, emit)?;
+                    }
+                    let (tx, rx) = mpsc::sync_channel(1);
+                    rayon::spawn(move || {
+                        // The receiver may be gone if the peer left; nothing to do then.
+                        let _ = tx.send(compress_slice(&slice, level, with_border));
+                    });
+                    inflight.push_back(rx);
+                    Ok(())
+                };
+            let mut push = |slice: Bytes,
+                            first: &mut Option<Bytes>,
+                            inflight: &mut VecDeque<mpsc::Receiver<Vec<u8>>>|
+             -> Result<(), CodecError> {
+                if let Some(f) = first.take() {
+                    submit(f, inflight)?;
+                    submit(slice, inflight)
+                } else if inflight.is_empty() {
+                    *first = Some(slice);
+                    Ok(())
+                } else {
+                    submit(slice, inflight)
+                }
+            };
 
-        let mut pending = BytesMut::new();
-        for mut chunk in payload {
-            while !chunk.is_empty() {
-                if pending.is_empty() && chunk.len() >= size {
-                    push(chunk.split_to(size), &mut first, &mut inflight)?;
-                    continue;
-                }
-                let take = (size - pending.len()).min(chunk.len());
-                pending.extend_from_slice(&chunk.split_to(take));
-                if pending.len() == size {
-                    push(pending.split().freeze(), &mut first, &mut inflight)?;
+            let mut pending = BytesMut::new();
+            for mut chunk in payload {
+                while !chunk.is_empty() {
+                    if pending.is_empty() && chunk.len() >= size {
+                        push(chunk.split_to(size), &mut first, &mut inflight)?;
+                        continue;
+                    }
+                    let take = (size - pending.len()).min(chunk.len());
+                    pending.extend_from_slice(&chunk.split_to(take));
+                    if pending.len() == size {
+                        push(pending.split().freeze(), &mut first, &mut inflight)?;
+                    }
                 }
             }
+            if !pending.is_empty() {
+                push(pending.freeze(), &mut first, &mut inflight)?;
+            }
         }
-        if !pending.is_empty() {
-            push(pending.freeze(), &mut first, &mut inflight)?;
-        }
-        drop(push);
-        drop(submit);
         if let Some(only) = first {
             let out = compress_slice(&only, level, with_border);
             return flow(emit(Bytes::from(out)));
         }
         while let Some(rx) = inflight.pop_front() {
-            send(rx, emit)?;
+            send(&rx, emit)?;
         }
         Ok(())
     }
@@ -218,7 +214,7 @@ fn flow(f: Flow) -> Result<(), CodecError> {
     }
 }
 
-fn send(rx: mpsc::Receiver<Vec<u8>>, emit: &mut dyn FnMut(Bytes) -> Flow) -> Result<(), CodecError> {
+fn send(rx: &mpsc::Receiver<Vec<u8>>, emit: &mut dyn FnMut(Bytes) -> Flow) -> Result<(), CodecError> {
     let out = rx.recv().map_err(|_| CodecError::Compress("a compression worker panicked".into()))?;
     flow(emit(Bytes::from(out)))
 }

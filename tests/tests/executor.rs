@@ -1,0 +1,150 @@
+//! The executor on the real embedded CPython: concurrency, timeouts,
+//! cancellation, caps, and calls that try to stop or escape the server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ksrpc_core::{CompatRequest, ExecError, Executor};
+use ksrpc_tests::{executor, request, seen, user};
+
+const DEMO: &str = "ksrpc.server.demo";
+
+fn call(name: &str, args: &str) -> String {
+    format!("[RpcCall({name:?}, {args}, {{}})]")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_blocking_calls_meet_at_a_barrier() {
+    let ex = Arc::new(executor(|_| {}));
+    let admin = user("admin", &["allow *"]);
+    let payload = request("", "bench_mod", &call("barrier_wait", "(3, 5.0)"), 0);
+    // Spawn all three before awaiting any (a lazy iterator would run them one by one).
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let (ex, admin, payload) = (ex.clone(), admin.clone(), payload.clone());
+            tokio::spawn(async move { ex.call_compat(CompatRequest { user: admin, payload }).await })
+        })
+        .collect();
+    for c in calls {
+        let reply = c.await.unwrap().unwrap();
+        let s = seen(&reply.body);
+        assert_eq!((s.status, s.data.as_str()), (200, "True"), "{s:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_exit_is_a_500_and_the_next_call_works() {
+    let ex = executor(|_| {});
+    let admin = user("admin", &["allow *"]);
+    for code in ["sys.exit", "builtins.exit"] {
+        let (module, name) = code.split_once('.').unwrap();
+        let reply = ex
+            .call_compat(CompatRequest { user: admin.clone(), payload: request("", module, &call(name, "(3,)"), 0) })
+            .await
+            .unwrap();
+        let s = seen(&reply.body);
+        assert_eq!(s.status, 500, "{s:?}");
+        assert_ne!(s.kind, "SystemExit", "a SystemExit would exit the client program: {s:?}");
+        assert!(s.data.contains("SystemExit"), "{s:?}");
+    }
+    let reply = ex
+        .call_compat(CompatRequest { user: admin, payload: request("", DEMO, &call("add", "(1, 2)"), 0) })
+        .await
+        .unwrap();
+    assert_eq!(seen(&reply.body).data, "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_over_the_timeout_becomes_a_timeout_error_and_its_thread_is_freed() {
+    let ex = executor(|c| {
+        c.call_timeout = 0.5;
+        c.threads = 1;
+    });
+    let admin = user("admin", &["allow *"]);
+    let reply = ex
+        .call_compat(CompatRequest {
+            user: admin.clone(),
+            payload: request("", "bench_mod", &call("spin", "(60.0,)"), 0),
+        })
+        .await
+        .unwrap();
+    let s = seen(&reply.body);
+    assert_eq!((s.status, s.kind.as_str()), (500, "TimeoutError"), "{s:?}");
+    // The spinning call is interrupted, so even with one thread the next call runs.
+    let reply = ex
+        .call_compat(CompatRequest { user: admin, payload: request("", DEMO, &call("add", "(1, 2)"), 0) })
+        .await
+        .unwrap();
+    assert_eq!(seen(&reply.body).data, "3");
+    for _ in 0..100 {
+        if ex.running() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the timed-out call is still running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coroutine_whose_client_left_is_cancelled() {
+    let ex = executor(|_| {});
+    let admin = user("admin", &["allow *"]);
+    let payload = request("", "bench_mod", &call("wait_for_cancel", "(60.0,)"), 0);
+    let gone = tokio::time::timeout(
+        Duration::from_millis(500),
+        ex.call_compat(CompatRequest { user: admin.clone(), payload }),
+    );
+    assert!(gone.await.is_err(), "the call should still be waiting");
+    for _ in 0..100 {
+        let reply = ex
+            .call_compat(CompatRequest {
+                user: admin.clone(),
+                payload: request("", "bench_mod", &call("cancelled_count", "()"), 0),
+            })
+            .await
+            .unwrap();
+        if seen(&reply.body).data == "1" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the coroutine was never cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_in_flight_cap() {
+    let ex = Arc::new(executor(|c| c.max_calls_per_user = 1));
+    let (a, b) = (user("a", &["allow *"]), user("b", &["allow *"]));
+    let slow = {
+        let (ex, a) = (ex.clone(), a.clone());
+        tokio::spawn(async move {
+            ex.call_compat(CompatRequest { user: a, payload: request("", "bench_mod", &call("sleep", "(1.0,)"), 0) })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = ex.call_compat(CompatRequest { user: a, payload: request("", DEMO, &call("add", "(1, 2)"), 0) }).await;
+    assert!(matches!(second, Err(ExecError::Overloaded(_))), "{second:?}");
+    let other = ex.call_compat(CompatRequest { user: b, payload: request("", DEMO, &call("add", "(1, 2)"), 0) }).await;
+    assert_eq!(seen(&other.unwrap().body).data, "3");
+    assert_eq!(seen(&slow.await.unwrap().unwrap().body).status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reduce_gadget_from_a_limited_user_runs_nothing() {
+    let ex = executor(|_| {});
+    let limited =
+        user("limited", &["allow ksrpc.server.demo", "allow bench_mod", "deny os", "deny builtins", "deny *"]);
+    let marker = std::env::temp_dir().join(format!("ksrpc-marker-{}", std::process::id()));
+    let setup = format!(
+        "import os\nclass Evil:\n    def __reduce__(self):\n        return (os.system, ('touch {}',))\n",
+        marker.display()
+    );
+    let payload = request(&setup, DEMO, "[RpcCall('add', (Evil(), 1), {})]", 0);
+    let r = ex.call_compat(CompatRequest { user: limited, payload }).await;
+    match r {
+        Err(ExecError::BadRequest { message, .. }) => assert!(message.contains("system"), "{message}"),
+        other => panic!("expected a refused request, got {other:?}"),
+    }
+    assert!(!marker.exists(), "the gadget ran");
+}
