@@ -57,9 +57,20 @@ fn python_decodes_our_output_at_every_level() {
         let wire = encode_to_vec(&codec, Bytes::from(payload.clone())).unwrap();
         std::fs::write(dir.join(format!("wire.{level}")), &wire).unwrap();
     }
+    // Tiny slices go out as hand-written stored blocks in auto mode.
+    let tiny: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+    let auto = ChunkedZlib::with_level(Level::Auto);
+    std::fs::write(dir.join("tiny.bin"), &tiny).unwrap();
+    std::fs::write(dir.join("tiny.wire"), encode_to_vec(&auto, Bytes::from(tiny)).unwrap()).unwrap();
+    std::fs::write(dir.join("one.wire"), encode_to_vec(&auto, Bytes::from_static(b"x")).unwrap()).unwrap();
     let script = r#"
 import sys, zlib
 d = sys.argv[1]
+border = b"\r\r\r ChUnKeD \n\n\n"
+for name, want in (("tiny", open(d + "/tiny.bin", "rb").read()), ("one", b"x")):
+    wire = open(d + "/" + name + ".wire", "rb").read()
+    assert wire.endswith(border) and wire.count(border) == 1, name
+    assert zlib.decompress(wire[:-len(border)]) == want, name
 payload = open(d + "/payload.bin", "rb").read()
 border = b"\r\r\r ChUnKeD \n\n\n"
 for level in [str(i) for i in range(10)] + ["auto"]:

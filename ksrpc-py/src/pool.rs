@@ -19,6 +19,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tokio::sync::oneshot;
 
+use crate::gate::Gate;
 use crate::interp::{self, describe};
 use crate::{PythonConfig, StartError};
 
@@ -90,6 +91,7 @@ struct Shared {
     next_id: AtomicU64,
     workers: AtomicUsize,
     shutting_down: AtomicBool,
+    gate: Arc<Gate>,
 }
 
 /// The embedded-CPython executor. Cheap to clone.
@@ -121,6 +123,7 @@ impl PyExecutor {
             next_id: AtomicU64::new(1),
             workers: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
+            gate: Gate::new(1)?,
         });
         for _ in 0..shared.config.threads.max(1) {
             spawn_worker(&shared)?;
@@ -149,17 +152,30 @@ impl PyExecutor {
 
 fn spawn_worker(shared: &Arc<Shared>) -> std::io::Result<()> {
     let n = shared.workers.fetch_add(1, Ordering::SeqCst);
+    let slot = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let s = shared.clone();
-    std::thread::Builder::new().name(format!("ksrpc-py-{n}")).spawn(move || worker_loop(&s)).map(drop)
+    std::thread::Builder::new().name(format!("ksrpc-py-{n}")).spawn(move || worker_loop(&s, slot)).map(drop)
 }
 
-fn worker_loop(shared: &Shared) {
+fn worker_loop(shared: &Shared, slot: u64) {
     // SAFETY: plain FFI call returning the OS thread id Python uses for this thread.
     let ident = unsafe { pyo3::ffi::PyThread_get_thread_ident() };
-    while let Ok(job) = shared.jobs.recv() {
+    let mut inside = false;
+    loop {
+        // Pass the gate first, then take the oldest job: jobs leave the queue
+        // in order whichever thread the gate lets in.
+        if !inside {
+            shared.gate.enter(slot);
+            inside = true;
+        }
+        let Ok(job) = shared.jobs.recv() else {
+            shared.gate.leave(slot);
+            return;
+        };
         if job.cancelled.load(Ordering::SeqCst) {
             continue;
         }
+        shared.gate.begin(slot);
         let outcome = Python::attach(|py| {
             shared.running.lock().expect("running map poisoned").insert(job.id, ident);
             let outcome = run_job(py, shared, &job);
@@ -170,11 +186,15 @@ fn worker_loop(shared: &Shared) {
             unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(ident as c_long, std::ptr::null_mut()) };
             outcome
         });
+        inside = shared.gate.finish(slot);
         // The caller may have gone (timeout, client left): nothing to do then.
         let _ = job.reply.send(outcome);
         // Threads added to replace stuck ones retire once the pool is back to size.
         let target = shared.config.threads.max(1);
         if shared.workers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w > target).then(|| w - 1)).is_ok() {
+            if inside {
+                shared.gate.leave(slot);
+            }
             return;
         }
     }

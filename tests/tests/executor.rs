@@ -148,3 +148,14 @@ async fn a_reduce_gadget_from_a_limited_user_runs_nothing() {
     }
     assert!(!marker.exists(), "the gadget ran");
 }
+
+#[test]
+fn a_venv_of_another_python_minor_is_refused() {
+    let dir = std::env::temp_dir().join(format!("ksrpc-fake-venv-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("lib/python3.2/site-packages")).unwrap();
+    let config = ksrpc_py::PythonConfig { venv: Some(dir.clone()), ..ksrpc_py::PythonConfig::default() };
+    let err = ksrpc_py::PyExecutor::start(config).unwrap_err();
+    assert!(matches!(err, ksrpc_py::StartError::VenvMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("3.2"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -52,11 +52,12 @@ async def download_frame(conn, opts):
     bench = RpcClient("bench_mod", conn)
     rows = opts.get("rows", 1_000_000)
     await bench.market_frame(1000)  # warm-up: imports pandas on the server
+    warmup = 1 if opts.get("warmup", True) else 0  # a discarded first run
     runs = []
-    for i in range(opts.get("repeat", 1) + 1):
+    for i in range(opts.get("repeat", 1) + warmup):
         dt, df = await timed(bench.market_frame(rows))
         assert len(df) == rows
-        if i:
+        if i >= warmup:
             runs.append(dt)
     return {"seconds": statistics.median(runs), "runs": runs}
 

@@ -5,6 +5,7 @@
 //! xtask creates everything it needs itself (Python venvs under
 //! `target/xtask/`), so a fresh clone needs no other setup step.
 
+mod bench;
 mod python;
 mod suite;
 mod test;
@@ -15,6 +16,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("fuzz") => test::fuzz(&args[1..]),
         _ => {
             eprintln!(
@@ -22,6 +24,10 @@ fn main() -> Result<()> {
                  commands:\n  \
                  test   fmt, clippy, every Rust test, the Python executor tests and the real\n         \
                         ksrpc 0.8.1 client suite against our server\n  \
+                 bench  our server vs the original Python ksrpc 0.8.1, same workloads, one run
+         \
+                        (--quick for a smoke run); table on stdout, JSON in target/bench/
+  \
                  fuzz   run each cargo-fuzz target for a bounded time (not in CI)"
             );
             bail!("unknown or missing command")

@@ -1,6 +1,8 @@
 //! Bounded zlib inflation of one slice at a time, shared by the HTTP and
 //! WebSocket decoders of the chunked-zlib framing.
 
+use std::sync::Mutex;
+
 use flate2::{Decompress, FlushDecompress, Status};
 
 use super::{CodecError, Limits};
@@ -9,17 +11,24 @@ use super::{CodecError, Limits};
 /// slice turns out to exceed the decoded limit.
 const STEP: usize = 256 * 1024;
 
+/// Inflate states kept for reuse across messages: a fresh one costs an
+/// allocation and zeroing per request.
+static POOL: Mutex<Vec<Decompress>> = Mutex::new(Vec::new());
+const POOL_CAP: usize = 64;
+
 /// Accumulates the decoded payload of one message, slice by slice.
 pub(crate) struct SliceInflater {
     out: Vec<u8>,
     limits: Limits,
     slices: usize,
-    inflater: Decompress,
+    /// Always `Some` until dropped (then returned to the pool).
+    inflater: Option<Decompress>,
 }
 
 impl SliceInflater {
     pub(crate) fn new(limits: Limits) -> Self {
-        SliceInflater { out: Vec::new(), limits, slices: 0, inflater: Decompress::new(true) }
+        let inflater = POOL.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Decompress::new(true));
+        SliceInflater { out: Vec::new(), limits, slices: 0, inflater: Some(inflater) }
     }
 
     /// Inflates one complete zlib stream and appends its output, stopping as
@@ -29,7 +38,8 @@ impl SliceInflater {
         if piece.is_empty() {
             return Err(CodecError::EmptySlice { index });
         }
-        self.inflater.reset(true);
+        let inflater = self.inflater.as_mut().expect("present until dropped");
+        inflater.reset(true);
         let limit = self.limits.max_decoded;
         loop {
             let room = limit.saturating_sub(self.out.len() as u64);
@@ -43,18 +53,17 @@ impl SliceInflater {
                 let target = (self.out.capacity().saturating_mul(2)).min(cap_max).max(need);
                 self.out.reserve_exact(target - self.out.len());
             }
-            let in_before = self.inflater.total_in();
+            let in_before = inflater.total_in();
             let out_before = self.out.len();
             let consumed = in_before as usize;
-            let status = self
-                .inflater
+            let status = inflater
                 .decompress_vec(&piece[consumed..], &mut self.out, FlushDecompress::None)
                 .map_err(|e| CodecError::Corrupt { index, reason: e.to_string() })?;
             if self.out.len() as u64 > limit {
                 self.out = Vec::new();
                 return Err(CodecError::DecodedTooLarge { limit });
             }
-            let used = self.inflater.total_in() as usize;
+            let used = inflater.total_in() as usize;
             match status {
                 Status::StreamEnd => {
                     if used != piece.len() {
@@ -63,7 +72,7 @@ impl SliceInflater {
                     break;
                 }
                 Status::Ok | Status::BufError => {
-                    let progressed = self.inflater.total_in() != in_before || self.out.len() != out_before;
+                    let progressed = inflater.total_in() != in_before || self.out.len() != out_before;
                     if used == piece.len() && !progressed {
                         return Err(CodecError::TruncatedSlice { index });
                     }
@@ -82,7 +91,17 @@ impl SliceInflater {
         self.slices
     }
 
-    pub(crate) fn into_payload(self) -> Vec<u8> {
-        self.out
+    pub(crate) fn into_payload(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+}
+
+impl Drop for SliceInflater {
+    fn drop(&mut self) {
+        if let Ok(mut pool) = POOL.lock() {
+            if pool.len() < POOL_CAP {
+                pool.extend(self.inflater.take());
+            }
+        }
     }
 }

@@ -1,0 +1,444 @@
+//! `cargo xtask bench [--quick]`: our server and the original Python ksrpc
+//! 0.8.1 server, started side by side on loopback with equivalent configs,
+//! measured with the same workloads in the same run. Prints a Markdown table
+//! (workload, original, ours, ratio) and writes JSON to `target/bench/`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use bytes::Bytes;
+use ksrpc_core::codec::{encode_to_vec, ChunkedZlib, Level};
+use serde_json::{json, Value};
+
+use crate::python;
+use crate::suite::Server;
+use crate::test::{root, Env};
+
+const USER: &str = "admin";
+const PASSWORD: &str = "bench-password";
+const PACKAGES_ORIG: &[&str] = &["ksrpc==0.8.1", "dill", "numpy", "pandas<3"];
+
+/// Sizes of one run: full, or `--quick` for a smoke run.
+struct Plan {
+    mb: u64,
+    rows: u64,
+    repeat: u64,
+    seconds: u64,
+}
+
+/// A server under test: its base URL and process id (for RSS).
+struct Target {
+    url: String,
+    pid: u32,
+}
+
+/// The original server, stopped when dropped.
+struct Original {
+    child: Child,
+}
+
+impl Drop for Original {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start_original(env: &Env, venv_python: &Path, dir: &Path) -> Result<(Original, String)> {
+    let port = free_port()?;
+    let config = dir.join("config_server.py");
+    std::fs::write(
+        &config,
+        format!(
+            "PORT = {port}\nHOST = \"127.0.0.1\"\nPATH = \"/api/v1\"\nTIMESTAMP_CHECK = 30\n\
+             USER_CREDENTIALS = {{\"{USER}\": \"{PASSWORD}\"}}\nUSER_RULES = {{\"{USER}\": {{\"*\": True}}}}\n\
+             CACHE_ENABLE = False\nCACHE_PATH = \"cache\"\nCACHE_TIMEOUT = {{\"*\": 600}}\n"
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("original.log"))?;
+    let child = Command::new(venv_python)
+        .args(["-m", "ksrpc.run_app"])
+        .env("CONFIG_SERVER", &config)
+        .env("PYTHONPATH", root().join("tests/python/server_modules"))
+        .current_dir(dir)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the original server")?;
+    let _ = env;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok((Original { child }, format!("http://127.0.0.1:{port}/api/v1")));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the original server did not start; see {}", dir.join("original.log").display())
+}
+
+fn our_config(env: &Env, dir: &Path) -> Result<PathBuf> {
+    let file = dir.join("ours.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nhost = \"127.0.0.1\"\nport = 0\npath = \"/api/v1\"\ntimestamp_window = 30.0\n\n\
+             [users.{USER}]\npassword = \"{PASSWORD}\"\nrules = [\"allow *\"]\n\n\
+             [python]\nvenv = \"{}\"\npath = [\"{}\"]\n",
+            env.server_venv.display(),
+            root().join("tests/python/server_modules").display()
+        ),
+    )?;
+    Ok(file)
+}
+
+/// Runs one workload of `bench_client.py` and returns its JSON result.
+fn client(env: &Env, workload: &str, url: &str, opts: &Value) -> Result<Value> {
+    let script = root().join("xtask/bench/bench_client.py");
+    let out = Command::new(&env.client_python)
+        .arg(&script)
+        .args([workload, url, USER, PASSWORD, &opts.to_string()])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running the bench client")?;
+    if !out.status.success() {
+        bail!("{workload} against {url} failed: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().context("no output")?;
+    serde_json::from_str(last).with_context(|| format!("bad JSON: {last}"))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Samples a process's RSS every 10 ms while `f` runs; returns (idle, peak) in bytes.
+fn with_rss<T>(pid: u32, f: impl FnOnce() -> Result<T>) -> Result<(T, u64, u64)> {
+    let idle = rss_kib(pid) * 1024;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(idle));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid) * 1024, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let r = f();
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    Ok((r?, idle, peak.load(Ordering::Relaxed)))
+}
+
+/// A TCP proxy on loopback that counts the bytes flowing back to the client.
+struct CountingProxy {
+    port: u16,
+    down: Arc<AtomicU64>,
+}
+
+impl CountingProxy {
+    fn start(upstream_port: u16) -> Result<CountingProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let down = Arc::new(AtomicU64::new(0));
+        let counter = down.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream_port)) else { continue };
+                let (mut c_read, mut u_write) = (conn.try_clone().expect("clone"), up.try_clone().expect("clone"));
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_read, &mut u_write);
+                    let _ = u_write.shutdown(std::net::Shutdown::Write);
+                });
+                let counter = counter.clone();
+                let (mut u_read, mut c_write) = (up, conn);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    while let Ok(n) = u_read.read(&mut buf) {
+                        if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Ok(CountingProxy { port, down })
+    }
+}
+
+fn port_of(url: &str) -> u16 {
+    url.trim_start_matches("http://").split(['/', ':']).nth(1).and_then(|p| p.parse().ok()).expect("URL has a port")
+}
+
+/// The compat request body of `demo.add(1, 2)` exactly as the 0.8.1 client
+/// makes it (dill pickle, chunked zlib at level 6).
+fn add_body(env: &Env) -> Result<Vec<u8>> {
+    let out = Command::new(&env.client_python)
+        .args([
+            "-c",
+            "import sys, dill; from ksrpc.client import RpcCall; \
+             sys.stdout.buffer.write(dill.dumps(dict(module='ksrpc.server.demo', \
+             calls=[RpcCall('add', (1, 2), {})], ref_id=0)))",
+        ])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "pickling the add request failed");
+    Ok(encode_to_vec(&ChunkedZlib::with_level(Level::Fixed(6)), Bytes::from(out.stdout))?)
+}
+
+/// Reads one chunked HTTP response; returns its status.
+fn read_response(r: &mut BufReader<TcpStream>) -> Result<u16> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("status line")?;
+    let mut chunked = false;
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        let l = line.to_ascii_lowercase();
+        if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+            chunked = true;
+        }
+    }
+    anyhow::ensure!(chunked, "reply is not chunked (status {status})");
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let size = usize::from_str_radix(line.trim(), 16).context("chunk size")?;
+        let mut chunk = vec![0u8; size + 2];
+        r.read_exact(&mut chunk)?;
+        if size == 0 {
+            return Ok(status);
+        }
+    }
+}
+
+/// The small-call load generator: `conns` keep-alive connections replaying
+/// a pre-encoded request for `seconds`; returns (req/s, p50 ms, p99 ms).
+fn load(url: &str, body: &[u8], conns: usize, seconds: u64) -> Result<Value> {
+    let port = port_of(url);
+    let path = format!("/{}/chunk", url.trim_start_matches("http://").split_once('/').map_or("api/v1", |x| x.1));
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    let stop = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..conns)
+        .map(|_| {
+            let (path, auth, body) = (path.clone(), auth.clone(), body.to_vec());
+            std::thread::spawn(move || -> Result<Vec<f64>> {
+                let stream = TcpStream::connect(("127.0.0.1", port))?;
+                stream.set_nodelay(true)?;
+                let mut w = stream.try_clone()?;
+                let mut r = BufReader::new(stream);
+                let mut lat = Vec::new();
+                while Instant::now() < stop {
+                    let ts = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+                    let head = format!(
+                        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Basic {auth}\r\n\
+                         X-Timestamp: {ts}\r\nContent-Type: application/octet-stream\r\n\
+                         Transfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+                        body.len()
+                    );
+                    let t = Instant::now();
+                    w.write_all(&[head.as_bytes(), &body, b"\r\n0\r\n\r\n"].concat())?;
+                    let status = read_response(&mut r)?;
+                    anyhow::ensure!(status == 200, "status {status}");
+                    lat.push(t.elapsed().as_secs_f64());
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for w in workers {
+        lat.extend(w.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    anyhow::ensure!(!lat.is_empty(), "no call completed");
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] * 1000.0;
+    Ok(json!({"rps": lat.len() as f64 / elapsed, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "calls": lat.len()}))
+}
+
+/// A row of the table: name, unit, original, ours, and whether higher is better.
+struct Row {
+    name: String,
+    unit: &'static str,
+    original: f64,
+    ours: f64,
+    higher_better: bool,
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        if self.higher_better {
+            self.ours / self.original
+        } else {
+            self.original / self.ours
+        }
+    }
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) == Some("load") {
+        // `cargo xtask bench load URL CONNS SECONDS`: only the small-call load
+        // generator, against any server whose `admin` uses the bench password.
+        let env = Env::prepare()?;
+        let (url, conns, secs) = (&args[1], args[2].parse()?, args[3].parse()?);
+        let v = load(url, &add_body(&env)?, conns, secs)?;
+        writeln!(std::io::stdout().lock(), "{v}")?;
+        return Ok(());
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let plan = if quick {
+        Plan { mb: 10, rows: 100_000, repeat: 1, seconds: 2 }
+    } else {
+        Plan { mb: 100, rows: 1_000_000, repeat: 3, seconds: 10 }
+    };
+    let env = Env::prepare()?;
+    let base = root().join("target/xtask");
+    let orig_python =
+        python::ensure_venv(&env.python, &base.join("venv-orig-3.12"), PACKAGES_ORIG).context("original venv")?;
+    eprintln!("==> building our server (release)");
+    let status = env.cargo().args(["build", "--release", "-p", "ksrpc-server"]).status()?;
+    anyhow::ensure!(status.success(), "building the server failed");
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let ours_server =
+        Server::start(&env.target_dir.join("release/ksrpc-server"), &our_config(&env, &dir)?, dir.join("ours.log"))?;
+    let (orig_server, orig_url) = start_original(&env, &orig_python, &dir)?;
+    let targets = [
+        Target { url: orig_url, pid: orig_server.child.id() },
+        Target { url: ours_server.url.clone(), pid: ours_server.pid() },
+    ];
+    let body = add_body(&env)?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut raw = serde_json::Map::new();
+    let mut both = |name: String,
+                    unit: &'static str,
+                    higher_better: bool,
+                    f: &mut dyn FnMut(&Target) -> Result<(f64, Value)>|
+     -> Result<()> {
+        eprintln!("==> {name}");
+        let (o, ov) = f(&targets[0])?;
+        let (u, uv) = f(&targets[1])?;
+        eprintln!("    original {o:.3} {unit}, ours {u:.3} {unit}");
+        raw.insert(name.clone(), json!({"original": ov, "ours": uv}));
+        rows.push(Row { name, unit, original: o, ours: u, higher_better });
+        Ok(())
+    };
+    let mb = plan.mb;
+    for transport in ["http", "ws"] {
+        let opts = json!({"transport": transport, "mb": mb, "repeat": plan.repeat});
+        both(format!("(a) download {mb} MB float64 array, {transport}"), "s", false, &mut |t| {
+            let v = client(&env, "download_array", &t.url, &opts)?;
+            Ok((v["seconds"].as_f64().unwrap_or(f64::NAN), v))
+        })?;
+    }
+    let rows_n = plan.rows;
+    for transport in ["http", "ws"] {
+        let opts = json!({"transport": transport, "rows": rows_n, "repeat": 1});
+        both(format!("(b) download {rows_n}-row market DataFrame, {transport}"), "s", false, &mut |t| {
+            let v = client(&env, "download_frame", &t.url, &opts)?;
+            Ok((v["seconds"].as_f64().unwrap_or(f64::NAN), v))
+        })?;
+    }
+    both(format!("(b) bytes on the wire, {rows_n}-row DataFrame"), "MiB", false, &mut |t| {
+        let proxy = CountingProxy::start(port_of(&t.url))?;
+        let url = t.url.replace(&format!(":{}/", port_of(&t.url)), &format!(":{}/", proxy.port));
+        let before = proxy.down.load(Ordering::Relaxed);
+        // One download of the frame (plus the 1000-row warm-up call, ~0.1% of the bytes).
+        let opts = json!({"transport": "http", "rows": rows_n, "repeat": 1, "warmup": false});
+        let v = client(&env, "download_frame", &url, &opts)?;
+        let bytes = proxy.down.load(Ordering::Relaxed) - before;
+        Ok((bytes as f64 / (1 << 20) as f64, json!({"bytes": bytes, "client": v})))
+    })?;
+    both(format!("(c) upload {mb} MB float64 array, http"), "s", false, &mut |t| {
+        let v = client(&env, "upload_array", &t.url, &json!({"mb": mb, "repeat": 1}))?;
+        Ok((v["seconds"].as_f64().unwrap_or(f64::NAN), v))
+    })?;
+    for conns in [1usize, 16, 64] {
+        both(format!("(d) add(1, 2) at {conns} connections (Rust load generator)"), "req/s", true, &mut |t| {
+            let v = load(&t.url, &body, conns, plan.seconds)?;
+            Ok((v["rps"].as_f64().unwrap_or(f64::NAN), v))
+        })?;
+    }
+    both("(d) add(1, 2) at 64 connections: p99 latency".into(), "ms", false, &mut |t| {
+        let v = load(&t.url, &body, 64, plan.seconds.min(5))?;
+        Ok((v["p99_ms"].as_f64().unwrap_or(f64::NAN), v))
+    })?;
+    both("(d) add(1, 2) at 16 tasks (0.8.1 Python client)".into(), "req/s", true, &mut |t| {
+        let v = client(&env, "small_calls", &t.url, &json!({"concurrency": 16, "seconds": plan.seconds}))?;
+        Ok((v["rps"].as_f64().unwrap_or(f64::NAN), v))
+    })?;
+    let mut blocking = Vec::new();
+    both("(e) three blocking sleep(1) gathered".into(), "s", false, &mut |t| {
+        let v = client(&env, "blocking", &t.url, &json!({}))?;
+        blocking.push(v.clone());
+        Ok((v["gather_3x1s_seconds"].as_f64().unwrap_or(f64::NAN), v))
+    })?;
+    let payload = (mb << 20) as f64;
+    both(format!("(f) peak server RSS growth during (a), multiple of {mb} MB"), "x", false, &mut |t| {
+        let opts = json!({"transport": "http", "mb": mb, "repeat": 1});
+        let (v, idle, peak) = with_rss(t.pid, || client(&env, "download_array", &t.url, &opts))?;
+        let growth = peak.saturating_sub(idle) as f64;
+        Ok((
+            growth / payload,
+            json!({"idle": idle, "peak": peak, "beyond_result_x": (growth - payload) / payload, "client": v}),
+        ))
+    })?;
+
+    let mut table =
+        String::from("| workload | original 0.8.1 | ours | ours vs original |\n| --- | ---: | ---: | ---: |\n");
+    for r in &rows {
+        table.push_str(&format!(
+            "| {} | {:.2} {} | {:.2} {} | {:.1}x {} |\n",
+            r.name,
+            r.original,
+            r.unit,
+            r.ours,
+            r.unit,
+            r.ratio(),
+            if r.higher_better { "more" } else { "faster/smaller" }
+        ));
+    }
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let header = format!(
+        "ksrpc bench ({}), {cpus} cores, Python 3.12 client and servers, loopback\n\n",
+        if quick { "--quick" } else { "full" }
+    );
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{header}{table}")?;
+    std::fs::write(dir.join("bench.md"), format!("{header}{table}"))?;
+    std::fs::write(
+        dir.join("bench.json"),
+        serde_json::to_string_pretty(&json!({"quick": quick, "cores": cpus, "results": raw}))?,
+    )?;
+    eprintln!("wrote {} and bench.json", dir.join("bench.md").display());
+    drop(orig_server);
+    Ok(())
+}
