@@ -3,7 +3,7 @@
 //! measured with the same workloads in the same run. Prints a Markdown table
 //! (workload, original, ours, ratio) and writes JSON to `target/bench/`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -208,75 +208,84 @@ fn add_body(env: &Env) -> Result<Vec<u8>> {
     Ok(encode_to_vec(&ChunkedZlib::with_level(Level::Fixed(6)), Bytes::from(out.stdout))?)
 }
 
-/// Reads one chunked HTTP response; returns its status.
-fn read_response(r: &mut BufReader<TcpStream>) -> Result<u16> {
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("status line")?;
-    let mut chunked = false;
+/// Parses one complete chunked HTTP response at the start of `buf`:
+/// `Some((status, length))`, or `None` when more bytes are needed.
+fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>> {
+    let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { return Ok(None) };
+    let head = std::str::from_utf8(&buf[..head_end])?;
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("status line")?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    anyhow::ensure!(chunked, "reply is not chunked (status {status}): {head}");
+    let mut at = head_end + 4;
     loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        if line == "\r\n" || line.is_empty() {
-            break;
+        let Some(eol) = buf[at..].windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+        let size = usize::from_str_radix(std::str::from_utf8(&buf[at..at + eol])?.trim(), 16)?;
+        at += eol + 2 + size + 2;
+        if at > buf.len() {
+            return Ok(None);
         }
-        let l = line.to_ascii_lowercase();
-        if l.starts_with("transfer-encoding:") && l.contains("chunked") {
-            chunked = true;
-        }
-    }
-    anyhow::ensure!(chunked, "reply is not chunked (status {status})");
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        let size = usize::from_str_radix(line.trim(), 16).context("chunk size")?;
-        let mut chunk = vec![0u8; size + 2];
-        r.read_exact(&mut chunk)?;
         if size == 0 {
-            return Ok(status);
+            return Ok(Some((status, at)));
         }
     }
 }
 
+/// One keep-alive connection replaying `request` until `stop`; latencies in seconds.
+async fn connection(port: u16, head: String, body: Arc<Vec<u8>>, stop: Instant) -> Result<Vec<f64>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.set_nodelay(true)?;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut lat = Vec::new();
+    while Instant::now() < stop {
+        let ts = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+        let request = [head.replace("{ts}", &ts.to_string()).as_bytes(), &body, b"\r\n0\r\n\r\n"].concat();
+        let t = Instant::now();
+        stream.write_all(&request).await?;
+        let (status, len) = loop {
+            if let Some(done) = parse_response(&buf)? {
+                break done;
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                bail!("the server closed the connection");
+            }
+        };
+        buf.drain(..len);
+        anyhow::ensure!(status == 200, "status {status}");
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    Ok(lat)
+}
+
 /// The small-call load generator: `conns` keep-alive connections replaying
-/// a pre-encoded request for `seconds`; returns (req/s, p50 ms, p99 ms).
+/// a pre-encoded request for `seconds`, multiplexed on one thread (so it
+/// costs the server's two cores as little as possible); returns req/s, p50
+/// and p99 in ms.
 fn load(url: &str, body: &[u8], conns: usize, seconds: u64) -> Result<Value> {
     let port = port_of(url);
     let path = format!("/{}/chunk", url.trim_start_matches("http://").split_once('/').map_or("api/v1", |x| x.1));
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
-    let stop = Instant::now() + Duration::from_secs(seconds);
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Basic {auth}\r\nX-Timestamp: {{ts}}\r\n\
+         Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+        body.len()
+    );
+    let body = Arc::new(body.to_vec());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let started = Instant::now();
-    let workers: Vec<_> = (0..conns)
-        .map(|_| {
-            let (path, auth, body) = (path.clone(), auth.clone(), body.to_vec());
-            std::thread::spawn(move || -> Result<Vec<f64>> {
-                let stream = TcpStream::connect(("127.0.0.1", port))?;
-                stream.set_nodelay(true)?;
-                let mut w = stream.try_clone()?;
-                let mut r = BufReader::new(stream);
-                let mut lat = Vec::new();
-                while Instant::now() < stop {
-                    let ts = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
-                    let head = format!(
-                        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Basic {auth}\r\n\
-                         X-Timestamp: {ts}\r\nContent-Type: application/octet-stream\r\n\
-                         Transfer-Encoding: chunked\r\n\r\n{:x}\r\n",
-                        body.len()
-                    );
-                    let t = Instant::now();
-                    w.write_all(&[head.as_bytes(), &body, b"\r\n0\r\n\r\n"].concat())?;
-                    let status = read_response(&mut r)?;
-                    anyhow::ensure!(status == 200, "status {status}");
-                    lat.push(t.elapsed().as_secs_f64());
-                }
-                Ok(lat)
-            })
-        })
-        .collect();
-    let mut lat = Vec::new();
-    for w in workers {
-        lat.extend(w.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??);
-    }
+    let stop = started + Duration::from_secs(seconds);
+    let mut lat: Vec<f64> = rt.block_on(async {
+        let tasks: Vec<_> =
+            (0..conns).map(|_| tokio::spawn(connection(port, head.clone(), body.clone(), stop))).collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        Ok::<_, anyhow::Error>(all)
+    })?;
     let elapsed = started.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
     anyhow::ensure!(!lat.is_empty(), "no call completed");
@@ -303,7 +312,80 @@ impl Row {
     }
 }
 
+/// `cargo xtask bench codec`: encode and decode MiB/s of the chunked-zlib
+/// codec for random float64 data and a compressible CSV-like payload, at
+/// level 6 and `auto`, plus zstd, on all cores.
+fn codec_bench() -> Result<()> {
+    use ksrpc_core::codec::{decode_all, Codec, Limits, Zstd};
+    let size = 64usize << 20;
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let floats: Vec<u8> = (0..size / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 11) as f64 / (1u64 << 53) as f64).to_le_bytes()
+        })
+        .collect();
+    let mut csv = Vec::with_capacity(size);
+    let mut i = 0u64;
+    while csv.len() < size {
+        let price = 10.0 + (i % 977) as f64 * 0.01;
+        csv.extend_from_slice(
+            format!(
+                "2024-{:02}-{:02},SH{:06},{price:.2},{:.2},{:.2},{:.2},{}\n",
+                i % 12 + 1,
+                i % 28 + 1,
+                600_000 + i % 2000,
+                price * 1.01,
+                price * 0.99,
+                price * 1.005,
+                1000 + i * 37 % 100_000
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    csv.truncate(size);
+    let codecs: Vec<(&str, Box<dyn Codec>)> = vec![
+        ("chunked-zlib level 6", Box::new(ChunkedZlib::with_level(Level::Fixed(6)))),
+        ("chunked-zlib auto", Box::new(ChunkedZlib::with_level(Level::Auto))),
+        ("chunked-zlib level 1", Box::new(ChunkedZlib::with_level(Level::Fixed(1)))),
+        ("zstd level 3", Box::new(Zstd::default())),
+    ];
+    let mut out =
+        String::from("| payload | codec | ratio | encode MiB/s | decode MiB/s |\n| --- | --- | ---: | ---: | ---: |\n");
+    for (pname, payload) in [("random float64", &floats), ("CSV-like text", &csv)] {
+        let payload = Bytes::from(payload.clone());
+        for (cname, codec) in &codecs {
+            let t = Instant::now();
+            let wire = encode_to_vec(codec.as_ref(), payload.clone())?;
+            let enc = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let back = decode_all(codec.as_ref(), &wire, Limits::UNLIMITED)?;
+            let dec = t.elapsed().as_secs_f64();
+            anyhow::ensure!(back == payload, "{cname} did not round-trip");
+            let mib = size as f64 / (1 << 20) as f64;
+            out.push_str(&format!(
+                "| {pname} | {cname} | {:.3} | {:.0} | {:.0} |\n",
+                wire.len() as f64 / size as f64,
+                mib / enc,
+                mib / dec
+            ));
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    writeln!(
+        std::io::stdout().lock(),
+        "codec bench: 64 MiB payloads, {cores} cores (decode is one stream, one core)\n\n{out}"
+    )?;
+    Ok(())
+}
+
 pub fn run(args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) == Some("codec") {
+        return codec_bench();
+    }
     if args.first().map(String::as_str) == Some("load") {
         // `cargo xtask bench load URL CONNS SECONDS`: only the small-call load
         // generator, against any server whose `admin` uses the bench password.
@@ -412,6 +494,13 @@ pub fn run(args: &[String]) -> Result<()> {
         ))
     })?;
 
+    rows.push(Row {
+        name: "(e) add(1, 2) issued during a 2 s blocking call".into(),
+        unit: "ms",
+        original: blocking[0]["add_during_block_ms"].as_f64().unwrap_or(f64::NAN),
+        ours: blocking[1]["add_during_block_ms"].as_f64().unwrap_or(f64::NAN),
+        higher_better: false,
+    });
     let mut table =
         String::from("| workload | original 0.8.1 | ours | ours vs original |\n| --- | ---: | ---: | ---: |\n");
     for r in &rows {
