@@ -116,6 +116,18 @@ fn split_on_border(wire: &[u8]) -> Vec<&[u8]> {
     out
 }
 
+/// Big payloads in one feed and in odd splits (the proptest sizes stay small).
+#[test]
+fn big_payloads_round_trip_through_every_codec() {
+    let payload = Bytes::from([noise(3 << 20), b"0123456789".repeat(300_000)].concat());
+    for codec in codecs() {
+        let wire = encode_to_vec(codec.as_ref(), payload.clone()).unwrap();
+        assert_eq!(decode_all(codec.as_ref(), &wire, Limits::UNLIMITED).unwrap(), payload, "{codec:?}");
+        let cuts: Vec<usize> = (1..7).map(|i| wire.len() * i / 7 + i).collect();
+        assert_eq!(decode_split(codec.as_ref(), &wire, &cuts, Limits::default()).unwrap(), payload, "{codec:?}");
+    }
+}
+
 #[test]
 fn auto_stores_random_data_and_compresses_text() {
     let random = noise(200_000);

@@ -101,6 +101,7 @@ impl StreamDecoder for ZstdDecoder {
         let mut input = InBuffer::around(bytes);
         let mut scratch = [0u8; 32 * 1024];
         loop {
+            let pos_before = input.pos;
             let mut output = OutBuffer::around(&mut scratch[..]);
             let hint = dec
                 .run(&mut input, &mut output)
@@ -111,7 +112,11 @@ impl StreamDecoder for ZstdDecoder {
                 return Err(CodecError::DecodedTooLarge { limit: self.limits.max_decoded });
             }
             self.out.extend_from_slice(&scratch[..produced]);
-            self.frame_done = hint == 0;
+            // A call that consumed and produced nothing (after the frame ended)
+            // says nothing about the frame; only a call that moved may end it.
+            if produced > 0 || input.pos > pos_before {
+                self.frame_done = hint == 0;
+            }
             if input.pos == bytes.len() && produced < scratch.len() {
                 return Ok(());
             }
