@@ -8,7 +8,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = parse_basic(Some(data));
     let _ = check_timestamp(Some(data), 1.7e9, 30.0);
     if let Ok(s) = std::str::from_utf8(data) {
-        let (p, n) = s.split_at(s.len() / 2);
+        // Split at a character boundary: half the pattern, half the name.
+        let mid = s.char_indices().nth(s.chars().count() / 2).map_or(s.len(), |(i, _)| i);
+        let (p, n) = s.split_at(mid);
         let _ = Pattern::new(p).matches(n);
     }
 });

@@ -96,6 +96,17 @@ pub fn start(config: &PythonConfig) -> Result<Py<PyAny>, StartError> {
                 .and_then(|site_mod| site_mod.call_method1("addsitedir", (site.to_string_lossy().as_ref(),)))
                 .map_err(py_err)?;
         }
+        // An embedded interpreter guesses sys.executable from PATH (often a
+        // pyenv shim of another version); SDKs that start subprocesses need
+        // the real one: the venv's python, else the one we were built with.
+        let executable = venv
+            .as_ref()
+            .map(|v| v.join("bin/python"))
+            .or_else(|| option_env!("KSRPC_BUILD_PYTHON").map(PathBuf::from))
+            .filter(|p| p.exists());
+        if let Some(exe) = executable {
+            sys.setattr("executable", exe.to_string_lossy().as_ref()).map_err(py_err)?;
+        }
         let path = sys.getattr("path").map_err(py_err)?;
         let path = path.cast::<PyList>().map_err(|e| StartError::Python(e.to_string()))?;
         for extra in &config.path {

@@ -159,3 +159,30 @@ fn a_venv_of_another_python_minor_is_refused() {
     assert!(err.to_string().contains("3.2"), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sys_executable_is_the_venv_python_and_the_venv_imports() {
+    let ex = executor(|_| {});
+    let admin = user("admin", &["allow *"]);
+    let reply = ex
+        .call_compat(CompatRequest {
+            user: admin.clone(),
+            payload: request("", "sys", "[RpcCall('executable', None, None)]", 0),
+        })
+        .await
+        .unwrap();
+    let venv = ksrpc_tests::test_venv();
+    assert_eq!(
+        seen(&reply.body).data,
+        format!("{:?}", venv.join("bin/python").display().to_string()).replace('"', "'")
+    );
+    // dill lives only in the venv: importing it proves its site-packages are on sys.path.
+    let reply = ex
+        .call_compat(CompatRequest {
+            user: admin,
+            payload: request("", "dill", "[RpcCall('__name__', None, None)]", 0),
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen(&reply.body).data, "'dill'");
+}
