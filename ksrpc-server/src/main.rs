@@ -161,15 +161,30 @@ async fn serve(config: Config, users: Arc<UserStore>, executor: PyExecutor) -> R
     let server = server
         .bind((config.server.host.as_str(), config.server.port))
         .with_context(|| format!("binding {}:{}", config.server.host, config.server.port))?;
+    let addrs = server.addrs();
+    // Our own signal handlers, installed before the "listening" line: a
+    // SIGTERM right after start-up must still stop the server gracefully
+    // (actix installs its handlers only once the server future runs).
+    let server = server.disable_signals().run();
+    let handle = server.handle();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    actix_web::rt::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping gracefully"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping gracefully"),
+        }
+        handle.stop(true).await;
+    });
     {
         // A stable line on stdout that scripts (and xtask) wait for.
         let mut out = std::io::stdout().lock();
-        for addr in server.addrs() {
+        for addr in &addrs {
             writeln!(out, "ksrpc-server listening on http://{addr}{path}")?;
         }
         out.flush()?;
     }
-    server.run().await?;
+    server.await?;
     tracing::info!("stopped accepting calls; shutting the executor down");
     executor.close();
     Ok(())
