@@ -158,25 +158,32 @@ fn spawn_worker(shared: &Arc<Shared>) -> std::io::Result<()> {
 }
 
 fn worker_loop(shared: &Shared, slot: u64) {
-    // SAFETY: plain FFI call returning the OS thread id Python uses for this thread.
-    let ident = unsafe { pyo3::ffi::PyThread_get_thread_ident() };
-    let mut inside = false;
-    loop {
-        // Pass the gate first, then take the oldest job: jobs leave the queue
-        // in order whichever thread the gate lets in.
-        if !inside {
-            shared.gate.enter(slot);
-            inside = true;
-        }
-        let Ok(job) = shared.jobs.recv() else {
-            shared.gate.leave(slot);
-            return;
-        };
-        if job.cancelled.load(Ordering::SeqCst) {
-            continue;
-        }
-        shared.gate.begin(slot);
-        let outcome = Python::attach(|py| {
+    // The thread stays attached to the interpreter for its whole life and
+    // only releases the GIL while it waits: attaching per call created and
+    // destroyed a Python thread state each time (measured: 84 us of Python
+    // thread CPU per small call against 37 us for the call itself).
+    Python::attach(|py| {
+        // SAFETY: plain FFI call returning the OS thread id Python uses for this thread.
+        let ident = unsafe { pyo3::ffi::PyThread_get_thread_ident() };
+        let mut inside = false;
+        loop {
+            // Pass the gate first, then take the oldest job: jobs leave the
+            // queue in order whichever thread the gate lets in.
+            let job = py.detach(|| {
+                if !inside {
+                    shared.gate.enter(slot);
+                    inside = true;
+                }
+                shared.jobs.recv()
+            });
+            let Ok(job) = job else {
+                shared.gate.leave(slot);
+                return;
+            };
+            if job.cancelled.load(Ordering::SeqCst) {
+                continue;
+            }
+            shared.gate.begin(slot);
             shared.running.lock().expect("running map poisoned").insert(job.id, ident);
             let outcome = run_job(py, shared, &job);
             shared.running.lock().expect("running map poisoned").remove(&job.id);
@@ -184,20 +191,20 @@ fn worker_loop(shared: &Shared, slot: u64) {
             // next call on this thread.
             // SAFETY: attached; a NULL exception clears any pending one.
             unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(ident as c_long, std::ptr::null_mut()) };
-            outcome
-        });
-        inside = shared.gate.finish(slot);
-        // The caller may have gone (timeout, client left): nothing to do then.
-        let _ = job.reply.send(outcome);
-        // Threads added to replace stuck ones retire once the pool is back to size.
-        let target = shared.config.threads.max(1);
-        if shared.workers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w > target).then(|| w - 1)).is_ok() {
-            if inside {
-                shared.gate.leave(slot);
+            inside = shared.gate.finish(slot);
+            // The caller may have gone (timeout, client left): nothing to do then.
+            let _ = job.reply.send(outcome);
+            // Threads added to replace stuck ones retire once the pool is back to size.
+            let target = shared.config.threads.max(1);
+            if shared.workers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w > target).then(|| w - 1)).is_ok()
+            {
+                if inside {
+                    shared.gate.leave(slot);
+                }
+                return;
             }
-            return;
         }
-    }
+    });
 }
 
 fn run_job(py: Python<'_>, shared: &Shared, job: &Job) -> Outcome {
