@@ -15,6 +15,7 @@ pub mod chain;
 pub mod codec;
 pub mod compat;
 pub mod executor;
+pub mod pickle_scan;
 pub mod rules;
 
 pub use auth::{AuthError, User, UserStore};

@@ -306,6 +306,31 @@ for _op, _target in ((pickle.BUILD, lambda s: s.stack[-2]), (pickle.APPEND, lamb
     _Unpickler.dispatch[_op[0]] = _guarded(_op, _target)
 
 
+class _FastUnpickler(pickle.Unpickler):
+    """CPython's C unpickler with the same `find_class` allow-list as
+    `_Unpickler`, but without its opcode guards. The server uses it only for
+    pickles its Rust scan (`ksrpc_core::pickle_scan`) proved to mutate nothing
+    but objects they build themselves, so the guards have nothing to catch;
+    it is ~8x faster on a small request (2.7 us against 21 us)."""
+
+    def __init__(self, payload, policy, rules):
+        super().__init__(io.BytesIO(payload))
+        self.proto = 4  # the scan admits protocol 3+ only: no Python 2 name mapping needed
+        self._policy = policy
+        self._rules = rules
+        self._code_ok = None
+        self._handed_out = {}
+
+    find_class = _Unpickler.find_class
+    _code_global = _Unpickler._code_global
+    _data_global = _Unpickler._data_global
+    _check_code = _Unpickler._check_code
+    _load_type = _Unpickler._load_type
+    _eval_repr = _Unpickler._eval_repr
+    _getattr = _Unpickler._getattr
+    _create_array = _Unpickler._create_array
+
+
 # ---------------------------------------------------------------------------
 # Request validation and log summary
 # ---------------------------------------------------------------------------
@@ -616,15 +641,19 @@ class Executor:
         self._loop.run_forever()
 
     # -- public API ------------------------------------------------------------
-    def handle(self, call_id: int, user: str, rules, payload: bytes) -> tuple[int, str | None, bytes, str]:
-        """One request -> (reply_status, bad_request, reply_bytes, summary). Never raises."""
+    def handle(self, call_id: int, user: str, rules, payload: bytes, fast: bool = False
+               ) -> tuple[int, str | None, bytes, str]:
+        """One request -> (reply_status, bad_request, reply_bytes, summary). Never raises.
+        `fast`: the caller proved the pickle mutates only objects it builds (see
+        `_FastUnpickler`), so the C unpickler may load it."""
         module, summary = "?", "<undecodable>"
         state = _CallState()
         try:
             with self._lock:
                 self._calls[call_id] = state
             try:
-                req = _Unpickler(bytes(payload), self._policy, rules).load()
+                loader = _FastUnpickler if fast else _Unpickler
+                req = loader(bytes(payload), self._policy, rules).load()
             except (KeyboardInterrupt, SystemExit, TimeoutError, asyncio.CancelledError):
                 raise  # injected by the server (timeout, shutdown), not the request's fault
             except BaseException as e:

@@ -742,3 +742,32 @@ class ThreadTest(ExecutorTest):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class FastPathTest(ExecutorTest):
+    """`handle(..., fast=True)`: the C unpickler, used only for pickles the
+    server's Rust scan cleared; the find_class allow-list must hold there too."""
+
+    def fast(self, payload, rules=FULL):
+        status, bad, reply, summary = self.ex.handle(next(self._ids), "alice", rules, payload, True)
+        return status, bad, (dill.loads if dill is not None else pickle.loads)(reply), summary
+
+    def test_a_plain_call_gives_the_same_reply(self):
+        status, bad, d, summary = self.fast(request("ksrpc.server.demo", call("add", 1, 2)))
+        self.assertEqual((status, bad, d["data"], summary), (200, None, 3, "ksrpc.server.demo.add(2 args)"))
+
+    def test_refused_globals_stay_refused(self):
+        marker = os.path.join(tempfile.gettempdir(), f"ksrpc-fast-{os.getpid()}")
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        payload = pickle.dumps(dict(module="ksrpc.server.demo", calls=[call("add", Evil(), 1)], ref_id=0), protocol=4)
+        status, bad, d, _ = self.fast(payload, LIMITED)
+        self.assertEqual(status, 500)
+        self.assertIn("refused", bad)
+        self.assertFalse(os.path.exists(marker))
+        dotted = b"\x80\x04" + stack_global("ksrpc.server.demo", "random._os.system") + b"."
+        status, bad, _, _ = self.fast(dotted, LIMITED)
+        self.assertIn("dotted", bad)
