@@ -484,15 +484,22 @@ pub fn run(args: &[String]) -> Result<()> {
         Ok((v["gather_3x1s_seconds"].as_f64().unwrap_or(f64::NAN), v))
     })?;
     let payload = (mb << 20) as f64;
-    both(format!("(f) peak server RSS growth during (a), multiple of {mb} MB"), "x", false, &mut |t| {
-        let opts = json!({"transport": "http", "mb": mb, "repeat": 1});
-        let (v, idle, peak) = with_rss(t.pid, || client(&env, "download_array", &t.url, &opts))?;
-        let growth = peak.saturating_sub(idle) as f64;
-        Ok((
-            growth / payload,
-            json!({"idle": idle, "peak": peak, "beyond_result_x": (growth - payload) / payload, "client": v}),
-        ))
-    })?;
+    // Pitfall 10's definition: growth beyond the result object's own size
+    // (the demo's `astype` makes that copy on either server).
+    both(
+        format!("(f) peak server RSS growth during (a) beyond the {mb} MB result, x payload"),
+        "x",
+        false,
+        &mut |t| {
+            let opts = json!({"transport": "http", "mb": mb, "repeat": 1});
+            let (v, idle, peak) = with_rss(t.pid, || client(&env, "download_array", &t.url, &opts))?;
+            let growth = peak.saturating_sub(idle) as f64;
+            Ok((
+                (growth - payload) / payload,
+                json!({"idle": idle, "peak": peak, "growth_x": growth / payload, "client": v}),
+            ))
+        },
+    )?;
 
     rows.push(Row {
         name: "(e) add(1, 2) issued during a 2 s blocking call".into(),
