@@ -68,7 +68,12 @@ fn main() -> Result<()> {
     let config = Config::load(cli.config.as_deref(), &overrides)?;
     let users = Arc::new(build_users(&config)?);
     let executor = PyExecutor::start(config.python()).context("starting the embedded Python")?;
-    actix_web::rt::System::new().block_on(serve(config, users, executor))
+    actix_web::rt::System::new().block_on(serve(config, users, executor.clone()))?;
+    // Outside the async runtime: closing takes the GIL, which no actix or
+    // tokio thread may hold.
+    tracing::info!("stopped accepting calls; shutting the executor down");
+    executor.close();
+    Ok(())
 }
 
 fn print_hash() -> Result<()> {
@@ -140,7 +145,7 @@ async fn serve(config: Config, users: Arc<UserStore>, executor: PyExecutor) -> R
     }
     let state = web::Data::new(HttpState {
         users,
-        executor: Arc::new(executor.clone()),
+        executor: Arc::new(executor),
         codec: config.codec(),
         limits: config.limits(),
         timestamp_window: config.server.timestamp_window,
@@ -185,7 +190,5 @@ async fn serve(config: Config, users: Arc<UserStore>, executor: PyExecutor) -> R
         out.flush()?;
     }
     server.await?;
-    tracing::info!("stopped accepting calls; shutting the executor down");
-    executor.close();
     Ok(())
 }
