@@ -9,7 +9,7 @@ use std::fmt;
 use std::num::NonZeroU64;
 
 /// Arguments of a call.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Args<A> {
     /// Positional arguments, in order.
     pub positional: Vec<A>,
@@ -24,7 +24,7 @@ impl<A> Default for Args<A> {
 }
 
 /// One step of a chain: an attribute (`args: None`) or a call.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Call<A> {
     /// The attribute, submodule or builtin name.
     pub name: String,
@@ -46,7 +46,7 @@ impl<A> Call<A> {
 
 /// A whole request: a module, the calls applied to it in order, and an
 /// optional generator handle to advance.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CallChain<A> {
     /// Dotted import path of the starting module.
     pub module: String,

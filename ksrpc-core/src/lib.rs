@@ -6,6 +6,8 @@
 //! - [`codec`]: the [`codec::Codec`] trait, chunked zlib (0.8.1 framing) and zstd.
 //! - [`compat`]: replies the server must build without Python.
 //! - [`executor`]: the trait transports call to run a request.
+//! - [`native`]: the native protocol's `Value` and messages (postcard, versioned).
+//! - [`pickle_scan`]: the static request-pickle scan behind the executor's fast path.
 //!
 //! This crate must not depend on actix, pyo3, reqwest or a tokio runtime
 //! (a tidy test in `tests/tidy.rs` enforces it).
@@ -15,6 +17,7 @@ pub mod chain;
 pub mod codec;
 pub mod compat;
 pub mod executor;
+pub mod native;
 pub mod pickle_scan;
 pub mod rules;
 

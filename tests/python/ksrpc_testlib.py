@@ -125,3 +125,78 @@ def run_client_script(code: str, args=(), env=None, timeout: float = 120):
             f"\n--- stderr ---\n{proc.stderr[-6000:]}"
         )
     return json.loads(lines[-1][len(RESULT_PREFIX):]), proc
+
+
+# --------------------------------------------------------------------------
+# The 0.8.1 wire format, for hand-made requests (test_hostile.py).
+# --------------------------------------------------------------------------
+import base64  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+
+BORDER = b"\r\r\r ChUnKeD \n\n\n"  # 15 bytes: CR CR CR, space, ChUnKeD, space, LF LF LF
+SLICE_SIZE = 128 * 1024
+
+
+def encode_slices(payload: bytes, level: int = 6, slice_size: int = SLICE_SIZE) -> list:
+    """zlib(slice) for each ``slice_size`` slice of ``payload`` (what the client sends)."""
+    return [zlib.compress(payload[i:i + slice_size], level) for i in range(0, len(payload), slice_size)]
+
+
+def frame_body(payload: bytes, level: int = 6) -> bytes:
+    """The HTTP body: ``z(s1) BORDER z(s2) BORDER ... z(sN) BORDER``."""
+    return b"".join(z + BORDER for z in encode_slices(payload, level))
+
+
+def unframe_body(body: bytes):
+    """Split an HTTP reply body on the border, inflate each slice and load the pickle
+    as the client does (``dill.loads``)."""
+    import dill
+
+    assert body.endswith(BORDER), f"reply does not end with the border: {body[-40:]!r}"
+    pieces = body.split(BORDER)[:-1]
+    assert all(pieces), "reply holds an empty slice"
+    return dill.loads(b"".join(zlib.decompress(p) for p in pieces))
+
+
+def request_pickle(module: str = "ksrpc.server.demo", calls=None, ref_id: int = 0) -> bytes:
+    """The request payload exactly as the 0.8.1 client pickles it:
+    ``dill.dumps(dict(module=..., calls=[RpcCall, ...], ref_id=...))``."""
+    import dill
+    from ksrpc.client import RpcCall
+
+    if calls is None:
+        calls = [RpcCall("add", (1, 2), {})]
+    return dill.dumps(dict(module=module, calls=calls, ref_id=ref_id))
+
+
+def basic_auth(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def wire_headers(user: str, password: str, ts=None) -> dict:
+    """Headers of a client request: X-Timestamp, Authorization, Content-Type."""
+    return {
+        "X-Timestamp": repr(time.time()) if ts is None else str(ts),
+        "Authorization": basic_auth(user, password),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+def zlib_bomb(gib: int = 1) -> bytes:
+    """A valid zlib stream (one slice) of ``gib`` GiB of zeros, about 1 MB per GiB.
+
+    Built in well under a second: with a full flush every MiB, each MiB of
+    zeros compresses to the same bytes, so one block is repeated; the adler32
+    trailer is computed over the real data.
+    """
+    mib = bytes(1 << 20)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    c.compress(mib)
+    c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(mib) + c.flush(zlib.Z_FULL_FLUSH)
+    n = gib * 1024
+    adler = 1
+    for _ in range(n):
+        adler = zlib.adler32(mib, adler)
+    return b"\x78\xda" + block * n + c.flush() + adler.to_bytes(4, "big")

@@ -1,0 +1,257 @@
+//! The native protocol's data model and messages (see `docs/protocol.md`).
+//!
+//! Unlike the compat protocol (pickles in, pickles out, so every request is
+//! code), native messages carry explicit [`Value`]s that any language can
+//! produce. Messages are serialized with postcard and carried by the
+//! [`Zstd`](crate::codec::Zstd) codec. postcard rather than the design
+//! card's bincode: bincode 3 is an empty release and 2.x is flagged
+//! unmaintained, while postcard is maintained, serde-based, compact (varint
+//! integers) and has a documented, stable wire format.
+//!
+//! Every message starts with the protocol version; a decoder refuses any
+//! version it does not speak with [`NativeError::UnsupportedVersion`]
+//! before reading further. Nesting is limited ([`MAX_DEPTH`]) so a hostile
+//! message cannot exhaust the stack.
+
+use std::cell::Cell;
+use std::num::NonZeroU64;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::chain::CallChain;
+
+/// The native protocol version this build speaks.
+pub const VERSION: u16 = 1;
+
+/// Deepest nesting of values a decoder accepts.
+pub const MAX_DEPTH: usize = 128;
+
+/// An explicit value: what a native call carries instead of a pickle.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Value {
+    /// Python `None`.
+    None,
+    /// A boolean.
+    Bool(bool),
+    /// An integer that fits in 64 bits.
+    Int(i64),
+    /// Any other integer, as decimal digits with an optional leading `-`.
+    BigInt(String),
+    /// A 64-bit float.
+    Float(f64),
+    /// A string.
+    Str(String),
+    /// Bytes.
+    Bytes(ByteBuf),
+    /// A list.
+    List(Vec<Value>),
+    /// A tuple.
+    Tuple(Vec<Value>),
+    /// A dict: ordered pairs, keys of any value type.
+    Dict(Vec<(Value, Value)>),
+    /// A lazy call chain, resolved on the server before the call (the
+    /// compat protocol's `RpcClient` argument).
+    Chain(Box<CallChain<Value>>),
+    /// The `Self` marker: replaced by the object a builtin is applied to.
+    SelfRef,
+    /// A table as an Apache Arrow IPC stream (a DataFrame without pickle).
+    Table(ByteBuf),
+    /// A pickled Python object with no other form; accepted only from users
+    /// who may send code anyway.
+    Pickle(ByteBuf),
+}
+
+/// The derived decoder of [`Value`]; [`Value`]'s own decoder wraps it with
+/// the depth limit.
+#[derive(Deserialize)]
+#[serde(rename = "Value")]
+enum ValueRepr {
+    None,
+    Bool(bool),
+    Int(i64),
+    BigInt(String),
+    Float(f64),
+    Str(String),
+    Bytes(ByteBuf),
+    List(Vec<Value>),
+    Tuple(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    Chain(Box<CallChain<Value>>),
+    SelfRef,
+    Table(ByteBuf),
+    Pickle(ByteBuf),
+}
+
+thread_local! {
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// Set when a decode on this thread hit [`MAX_DEPTH`]: postcard turns
+    /// custom errors into a generic one, and the reason matters to the peer.
+    static TOO_DEEP: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Counts nesting while a value decodes; restores the count on drop.
+struct DepthGuard;
+
+impl DepthGuard {
+    fn enter<E: serde::de::Error>() -> Result<DepthGuard, E> {
+        DEPTH.with(|d| {
+            if d.get() >= MAX_DEPTH {
+                TOO_DEEP.with(|t| t.set(true));
+                return Err(E::custom(format!("values nested deeper than {MAX_DEPTH}")));
+            }
+            d.set(d.get() + 1);
+            Ok(DepthGuard)
+        })
+    }
+}
+
+impl Drop for DepthGuard {
+    fn drop(&mut self) {
+        DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let _guard = DepthGuard::enter()?;
+        Ok(match ValueRepr::deserialize(d)? {
+            ValueRepr::None => Value::None,
+            ValueRepr::Bool(b) => Value::Bool(b),
+            ValueRepr::Int(i) => Value::Int(i),
+            ValueRepr::BigInt(s) => {
+                let digits = s.strip_prefix('-').unwrap_or(&s);
+                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(serde::de::Error::custom("BigInt must be decimal digits"));
+                }
+                Value::BigInt(s)
+            }
+            ValueRepr::Float(f) => Value::Float(f),
+            ValueRepr::Str(s) => Value::Str(s),
+            ValueRepr::Bytes(b) => Value::Bytes(b),
+            ValueRepr::List(v) => Value::List(v),
+            ValueRepr::Tuple(v) => Value::Tuple(v),
+            ValueRepr::Dict(v) => Value::Dict(v),
+            ValueRepr::Chain(c) => Value::Chain(c),
+            ValueRepr::SelfRef => Value::SelfRef,
+            ValueRepr::Table(b) => Value::Table(b),
+            ValueRepr::Pickle(b) => Value::Pickle(b),
+        })
+    }
+}
+
+/// A failure raised by the call on the server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RemoteError {
+    /// The exception's class (`ZeroDivisionError`, `module.Class`).
+    pub kind: String,
+    /// `str()` of the exception.
+    pub message: String,
+    /// The server-side traceback.
+    pub traceback: String,
+}
+
+/// What a client sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// Run a chain; `id` matches the reply (unique per connection).
+    Call {
+        /// Request id.
+        id: u64,
+        /// What to run.
+        chain: CallChain<Value>,
+    },
+    /// Advance a generator handle by one item.
+    Next {
+        /// Request id.
+        id: u64,
+        /// The handle a previous reply gave out.
+        handle: NonZeroU64,
+    },
+    /// Stop a call in flight (its reply, if any, is dropped).
+    Cancel {
+        /// The request id of the call.
+        id: u64,
+    },
+    /// Free a generator handle before it is exhausted.
+    CloseHandle {
+        /// The handle.
+        handle: NonZeroU64,
+    },
+}
+
+/// The outcome of one call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The call's result.
+    Ok(Value),
+    /// The result is a generator: advance it with [`ClientMessage::Next`].
+    Handle(NonZeroU64),
+    /// A generator handle is exhausted.
+    Exhausted,
+    /// The call raised.
+    Err(RemoteError),
+}
+
+/// What the server sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// The answer to the request `id`.
+    Reply {
+        /// The request id.
+        id: u64,
+        /// What happened.
+        outcome: Outcome,
+    },
+    /// The server could not read a message (version, format); the
+    /// connection ends after this.
+    Refused {
+        /// Why, in one line.
+        reason: String,
+    },
+}
+
+/// Every way reading a native message fails.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NativeError {
+    /// The message is of a protocol version this build does not speak.
+    #[error("unsupported native protocol version {got} (this server speaks {VERSION})")]
+    UnsupportedVersion {
+        /// The version the message carries.
+        got: u16,
+    },
+    /// Values nested deeper than [`MAX_DEPTH`].
+    #[error("values nested deeper than {MAX_DEPTH}")]
+    TooDeep,
+    /// The bytes are not a valid message.
+    #[error("malformed native message: {0}")]
+    Malformed(String),
+}
+
+/// Serializes `message` behind the version field.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let out = postcard::to_allocvec(&VERSION).expect("a u16 always serializes");
+    postcard::to_extend(message, out).expect("serializing into a Vec cannot fail")
+}
+
+/// Reads the version field, then the message; trailing bytes are an error.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, NativeError> {
+    let (version, rest): (u16, &[u8]) =
+        postcard::take_from_bytes(bytes).map_err(|e| NativeError::Malformed(e.to_string()))?;
+    if version != VERSION {
+        return Err(NativeError::UnsupportedVersion { got: version });
+    }
+    DEPTH.with(|d| d.set(0));
+    TOO_DEEP.with(|t| t.set(false));
+    let (message, rest) = postcard::take_from_bytes(rest).map_err(|e| {
+        if TOO_DEEP.with(Cell::get) {
+            NativeError::TooDeep
+        } else {
+            NativeError::Malformed(e.to_string())
+        }
+    })?;
+    if !rest.is_empty() {
+        return Err(NativeError::Malformed(format!("{} bytes after the message", rest.len())));
+    }
+    Ok(message)
+}
