@@ -8,6 +8,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::auth::User;
+use crate::chain::CallChain;
+use crate::native::{Outcome, Value};
 
 /// One compat-protocol call: an authenticated user and the decoded request
 /// pickle (not yet unpickled: that happens under the user's rules).
@@ -28,6 +30,16 @@ pub struct CompatReply {
     pub body: Bytes,
     /// The chain for logs, with argument counts and no values.
     pub summary: String,
+}
+
+/// One native-protocol call: an authenticated user and an explicit chain
+/// (`chain.handle` set: advance that generator handle instead).
+#[derive(Debug, Clone)]
+pub struct NativeRequest {
+    /// Who is calling.
+    pub user: Arc<User>,
+    /// What to run.
+    pub chain: CallChain<Value>,
 }
 
 /// Every way an executor can fail to produce a normal reply.
@@ -64,4 +76,7 @@ pub trait Executor: Send + Sync + 'static {
     /// (a reply with status 500); `Err` is for requests that never ran.
     /// Dropping the future tells the executor the client has gone away.
     async fn call_compat(&self, request: CompatRequest) -> Result<CompatReply, ExecError>;
+
+    /// Runs one native-protocol call. A call that raises is `Ok(Outcome::Err)`.
+    async fn call_native(&self, request: NativeRequest) -> Result<Outcome, ExecError>;
 }

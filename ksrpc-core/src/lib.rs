@@ -24,5 +24,5 @@ pub mod rules;
 pub use auth::{AuthError, User, UserStore};
 pub use chain::{Args, Call, CallChain};
 pub use codec::{ChunkedZlib, Codec, CodecError, Level, Limits, Zstd};
-pub use executor::{CompatReply, CompatRequest, ExecError, Executor};
+pub use executor::{CompatReply, CompatRequest, ExecError, Executor, NativeRequest};
 pub use rules::{Pattern, RuleSet};

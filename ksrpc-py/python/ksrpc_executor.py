@@ -679,6 +679,49 @@ class Executor:
             with self._lock:
                 self._calls.pop(call_id, None)
 
+    def run_native(self, call_id: int, user: str, rules, module: str, calls: list, ref_id: int):
+        """A native-protocol call: the chain arrives as values already built (the
+        stand-in RpcCall/RpcClient objects, Self), so there is nothing to unpickle.
+        Returns ("ok", result) | ("handle", id) | ("exhausted", None) |
+        ("err", kind, message, traceback), and never raises. The result object is
+        converted to a native value by the caller."""
+        state = _CallState()
+        try:
+            with self._lock:
+                self._calls[call_id] = state
+            module, calls, ref_id = _validate(dict(module=module, calls=calls, ref_id=ref_id),
+                                              (self._RpcCall, self._RpcClient))
+            ctx = _Ctx(user, rules, state, time.monotonic() + self._call_timeout)
+            serial = self._serial is not None and self._is_serial(module)
+            if ref_id:
+                try:
+                    return "ok", self._advance(ctx, ref_id)
+                except StopAsyncIteration:
+                    return "exhausted", None
+            if serial:
+                result = self._wait(ctx, self._serial.submit(self._resolve, ctx, module, calls))
+            else:
+                result = self._resolve(ctx, module, calls)
+            if isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)):
+                return "handle", self._handles.add(ctx.user, result, serial)
+            self._check_reached(ctx, result)
+            return "ok", result
+        except BaseException as e:
+            public = _public_exception(e)
+            return "err", type(public).__name__, _safe_str(public), traceback.format_exc()
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
+
+    def load_pickle_value(self, rules, data: bytes):
+        """A native `Pickle` value: accepted only from users whose rules allow
+        `builtins` (they can run any code anyway; everyone else sends explicit
+        values), and loaded by the careful unpickler all the same."""
+        if not rules.allows("builtins"):
+            raise PermissionError("pickle values are accepted only from users whose rules allow 'builtins'; "
+                                  "send explicit values instead")
+        return _Unpickler(bytes(data), self._policy, rules).load()
+
     def cancel(self, call_id: int) -> None:
         """Stop waiting for call `call_id` (its client went away); cancels its coroutine."""
         with self._lock:

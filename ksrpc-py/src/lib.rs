@@ -16,6 +16,7 @@
 //! [`ExecError`]: ksrpc_core::ExecError
 
 pub mod config;
+mod convert;
 mod gate;
 pub mod interp;
 mod pool;

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use ksrpc_core::auth::User;
-use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError, Executor};
+use ksrpc_core::chain::CallChain;
+use ksrpc_core::native::{Outcome, RemoteError, Value};
+use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError, Executor, NativeRequest};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tokio::sync::oneshot;
@@ -61,13 +63,18 @@ fn zero_copy(obj: Bound<'_, PyBytes>) -> Bytes {
     Bytes::from_owner(PyBytesOwner { _obj: obj.unbind(), ptr, len })
 }
 
-type Outcome = Result<CompatReply, ExecError>;
+/// What a job runs, and where its answer goes.
+enum Work {
+    /// A compat request pickle; the answer is a pickled reply.
+    Compat { payload: Bytes, reply: oneshot::Sender<Result<CompatReply, ExecError>> },
+    /// A native chain; the answer is an outcome to encode.
+    Native { chain: CallChain<Value>, reply: oneshot::Sender<Result<Outcome, ExecError>> },
+}
 
 struct Job {
     id: u64,
     user: Arc<User>,
-    payload: Bytes,
-    reply: oneshot::Sender<Outcome>,
+    work: Work,
     cancelled: Arc<AtomicBool>,
 }
 
@@ -185,15 +192,19 @@ fn worker_loop(shared: &Shared, slot: u64) {
             }
             shared.gate.begin(slot);
             shared.running.lock().expect("running map poisoned").insert(job.id, ident);
-            let outcome = run_job(py, shared, &job);
-            shared.running.lock().expect("running map poisoned").remove(&job.id);
+            let Job { id, user, work, .. } = job;
+            let answer = match work {
+                Work::Compat { payload, reply } => Answer::Compat(run_compat(py, shared, id, &user, &payload), reply),
+                Work::Native { chain, reply } => Answer::Native(run_native(py, shared, id, &user, &chain), reply),
+            };
+            shared.running.lock().expect("running map poisoned").remove(&id);
             // A timeout that raced with the end of the call must not hit the
             // next call on this thread.
             // SAFETY: attached; a NULL exception clears any pending one.
             unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(ident as c_long, std::ptr::null_mut()) };
             inside = shared.gate.finish(slot);
             // The caller may have gone (timeout, client left): nothing to do then.
-            let _ = job.reply.send(outcome);
+            answer.send();
             // Threads added to replace stuck ones retire once the pool is back to size.
             let target = shared.config.threads.max(1);
             if shared.workers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w > target).then(|| w - 1)).is_ok()
@@ -207,17 +218,89 @@ fn worker_loop(shared: &Shared, slot: u64) {
     });
 }
 
-fn run_job(py: Python<'_>, shared: &Shared, job: &Job) -> Outcome {
+/// A finished job's answer, sent once the GIL bookkeeping is done.
+enum Answer {
+    Compat(Result<CompatReply, ExecError>, oneshot::Sender<Result<CompatReply, ExecError>>),
+    Native(Result<Outcome, ExecError>, oneshot::Sender<Result<Outcome, ExecError>>),
+}
+
+impl Answer {
+    fn send(self) {
+        match self {
+            Answer::Compat(r, tx) => drop(tx.send(r)),
+            Answer::Native(r, tx) => drop(tx.send(r)),
+        }
+    }
+}
+
+fn run_native(
+    py: Python<'_>,
+    shared: &Shared,
+    id: u64,
+    user: &Arc<User>,
+    chain: &CallChain<Value>,
+) -> Result<Outcome, ExecError> {
     let internal = |e: PyErr| ExecError::Internal(describe(py, &e));
-    let rules = Py::new(py, PyRules { user: job.user.clone() }).map_err(internal)?;
-    let payload = PyBytes::new(py, &job.payload);
+    let executor = shared.executor.bind(py);
+    let rules = Py::new(py, PyRules { user: user.clone() }).map_err(internal)?;
+    let client = py.import("ksrpc.client").map_err(internal)?;
+    let load_pickle =
+        |data: &[u8]| executor.call_method1("load_pickle_value", (rules.bind(py), PyBytes::new(py, data)));
+    let cx = crate::convert::ToPy { client: &client, load_pickle: &load_pickle };
+    let calls = match crate::convert::calls_to_py(py, &chain.calls, &cx) {
+        Ok(calls) => calls,
+        Err(e) => return Ok(Outcome::Err(remote_error(py, &e))),
+    };
+    let handle = chain.handle.map_or(0, std::num::NonZeroU64::get);
+    let result = executor
+        .call_method1("run_native", (id, user.name.as_str(), rules.bind(py), chain.module.as_str(), calls, handle))
+        .map_err(internal)?;
+    let kind: String = result.get_item(0).and_then(|k| k.extract()).map_err(internal)?;
+    Ok(match kind.as_str() {
+        "ok" => {
+            let obj = result.get_item(1).map_err(internal)?;
+            match crate::convert::from_py(py, &obj, 0) {
+                Ok(v) => Outcome::Ok(v),
+                Err(e) => Outcome::Err(remote_error(py, &e)),
+            }
+        }
+        "handle" => {
+            let h: u64 = result.get_item(1).and_then(|h| h.extract()).map_err(internal)?;
+            std::num::NonZeroU64::new(h).map_or(Outcome::Exhausted, Outcome::Handle)
+        }
+        "exhausted" => Outcome::Exhausted,
+        _ => {
+            let (_, kind, message, traceback): (String, String, String, String) = result.extract().map_err(internal)?;
+            Outcome::Err(RemoteError { kind, message, traceback })
+        }
+    })
+}
+
+fn remote_error(py: Python<'_>, e: &PyErr) -> RemoteError {
+    RemoteError {
+        kind: e.get_type(py).name().map(|n| n.to_string()).unwrap_or_else(|_| "Exception".into()),
+        message: e.value(py).str().map(|s| s.to_string()).unwrap_or_default(),
+        traceback: describe(py, e),
+    }
+}
+
+fn run_compat(
+    py: Python<'_>,
+    shared: &Shared,
+    id: u64,
+    user: &Arc<User>,
+    payload: &Bytes,
+) -> Result<CompatReply, ExecError> {
+    let internal = |e: PyErr| ExecError::Internal(describe(py, &e));
+    let rules = Py::new(py, PyRules { user: user.clone() }).map_err(internal)?;
+    let py_payload = PyBytes::new(py, payload);
     // Pickles that provably mutate only their own objects may be loaded by
     // the C unpickler (see ksrpc_core::pickle_scan).
-    let fast = ksrpc_core::pickle_scan::mutations_stay_local(&job.payload);
+    let fast = ksrpc_core::pickle_scan::mutations_stay_local(payload);
     let result = shared
         .executor
         .bind(py)
-        .call_method1("handle", (job.id, job.user.name.as_str(), rules, payload, fast))
+        .call_method1("handle", (id, user.name.as_str(), rules, py_payload, fast))
         .map_err(internal)?;
     let (status, bad_request, reply, summary): (u16, Option<String>, Bound<'_, PyBytes>, String) =
         result.extract().map_err(internal)?;
@@ -291,30 +374,33 @@ impl Drop for CallGuard<'_> {
     }
 }
 
-#[async_trait::async_trait]
-impl Executor for PyExecutor {
-    async fn call_compat(&self, request: CompatRequest) -> Result<CompatReply, ExecError> {
+impl PyExecutor {
+    /// Queues a job for `user` and waits for its answer, with the per-user
+    /// cap, the call timeout (answered by `on_timeout`) and cancellation when
+    /// the caller goes away.
+    async fn submit<T>(
+        &self,
+        user: &Arc<User>,
+        work: impl FnOnce(oneshot::Sender<Result<T, ExecError>>) -> Work,
+        on_timeout: impl FnOnce(String) -> T,
+    ) -> Result<T, ExecError> {
         let shared = &*self.shared;
         if shared.shutting_down.load(Ordering::SeqCst) {
             return Err(ExecError::ShuttingDown);
         }
         {
             let mut per_user = shared.per_user.lock().expect("per-user map poisoned");
-            let n = per_user.entry(request.user.name.clone()).or_insert(0);
+            let n = per_user.entry(user.name.clone()).or_insert(0);
             if *n >= shared.config.max_calls_per_user {
-                return Err(ExecError::Overloaded(format!(
-                    "user {} already has {} calls in flight",
-                    request.user.name, n
-                )));
+                return Err(ExecError::Overloaded(format!("user {} already has {} calls in flight", user.name, n)));
             }
             *n += 1;
         }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let cancelled = Arc::new(AtomicBool::new(false));
-        let mut guard =
-            CallGuard { shared, user: &request.user.name, id, cancelled: cancelled.clone(), finished: false };
+        let mut guard = CallGuard { shared, user: &user.name, id, cancelled: cancelled.clone(), finished: false };
         let (tx, rx) = oneshot::channel();
-        let job = Job { id, user: request.user.clone(), payload: request.payload.clone(), reply: tx, cancelled };
+        let job = Job { id, user: user.clone(), work: work(tx), cancelled };
         self.jobs.send(job).map_err(|_| ExecError::ShuttingDown)?;
         let timeout = shared.config.call_timeout();
         match tokio::time::timeout(timeout, rx).await {
@@ -330,10 +416,34 @@ impl Executor for PyExecutor {
                 guard.finished = true;
                 guard.cancelled.store(true, Ordering::SeqCst);
                 let _ = shared.control.send(Control::Timeout(id));
-                let msg = format!("the call ran longer than the server's limit of {:.0} s", timeout.as_secs_f64());
-                let body = compat::error_reply("", "TimeoutError", &msg, "", &compat::utc_now_iso());
-                Ok(CompatReply { status: 500, body: body.into(), summary: String::from("<timed out>") })
+                Ok(on_timeout(format!("the call ran longer than the server's limit of {:.0} s", timeout.as_secs_f64())))
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for PyExecutor {
+    async fn call_compat(&self, request: CompatRequest) -> Result<CompatReply, ExecError> {
+        let payload = request.payload;
+        self.submit(
+            &request.user,
+            |reply| Work::Compat { payload, reply },
+            |msg| {
+                let body = compat::error_reply("", "TimeoutError", &msg, "", &compat::utc_now_iso());
+                CompatReply { status: 500, body: body.into(), summary: String::from("<timed out>") }
+            },
+        )
+        .await
+    }
+
+    async fn call_native(&self, request: NativeRequest) -> Result<Outcome, ExecError> {
+        let chain = request.chain;
+        self.submit(
+            &request.user,
+            |reply| Work::Native { chain, reply },
+            |message| Outcome::Err(RemoteError { kind: "TimeoutError".into(), message, traceback: String::new() }),
+        )
+        .await
     }
 }

@@ -22,8 +22,10 @@ use actix_web::middleware::Next;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use ksrpc_core::auth::{check_timestamp, parse_basic, User, UserStore};
-use ksrpc_core::codec::{ChunkedZlib, Codec, Limits};
-use ksrpc_core::{CompatRequest, Executor};
+use ksrpc_core::chain::CallChain;
+use ksrpc_core::codec::{encode_to_vec, ChunkedZlib, Codec, Limits, Zstd};
+use ksrpc_core::native::{self, ClientMessage, ServerMessage};
+use ksrpc_core::{CompatRequest, Executor, NativeRequest};
 
 pub use error::TransportError;
 pub use reply::{log_call, stream_reply};
@@ -102,7 +104,8 @@ pub fn routes(prefix: &str) -> impl FnOnce(&mut web::ServiceConfig) + '_ {
                 .route(web::get().to(generate_204))
                 .route(web::post().to(generate_204)),
         )
-        .service(web::resource(format!("{prefix}/chunk")).route(web::post().to(chunk)));
+        .service(web::resource(format!("{prefix}/chunk")).route(web::post().to(chunk)))
+        .service(web::resource(format!("{prefix}/v2/call")).route(web::post().to(v2_call)));
     }
 }
 
@@ -138,4 +141,53 @@ async fn chunk(
             },
         )?;
     Ok(stream_reply(&state.codec, reply, user.name.clone(), bytes_in, started))
+}
+
+/// The media type of native-protocol bodies (zstd-compressed postcard).
+pub const NATIVE_CONTENT_TYPE: &str = "application/x-ksrpc-native";
+
+fn native_response(status: actix_web::http::StatusCode, message: &ServerMessage) -> HttpResponse {
+    let body = encode_to_vec(&Zstd::default(), native::encode(message).into()).unwrap_or_default();
+    HttpResponse::build(status).content_type(NATIVE_CONTENT_TYPE).body(body)
+}
+
+/// One native call per request: `Call` or `Next` in, `Reply` out (see
+/// `docs/protocol.md`). A message this server cannot read (another version,
+/// bad bytes) is answered 400 with a `Refused` message saying why.
+async fn v2_call(
+    req: HttpRequest,
+    mut body: web::Payload,
+    state: web::Data<HttpState>,
+) -> Result<HttpResponse, TransportError> {
+    let started = Instant::now();
+    let user = user_of(&req)?;
+    let mut decoder = Zstd::default().decoder(state.limits);
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| TransportError::BadRequest(format!("reading the body: {e}")))?;
+        decoder.feed(&piece)?;
+    }
+    let bytes = decoder.finish()?;
+    let refuse =
+        |reason: String| native_response(actix_web::http::StatusCode::BAD_REQUEST, &ServerMessage::Refused { reason });
+    let (id, chain) = match native::decode::<ClientMessage>(&bytes) {
+        Ok(ClientMessage::Call { id, chain }) => (id, chain),
+        Ok(ClientMessage::Next { id, handle }) => {
+            (id, CallChain { module: String::new(), calls: Vec::new(), handle: Some(handle) })
+        }
+        Ok(_) => return Ok(refuse("only Call and Next are served over HTTP; use the WebSocket for the others".into())),
+        Err(e) => return Ok(refuse(e.to_string())),
+    };
+    let summary = chain.summary().to_string();
+    let outcome = state.executor.call_native(NativeRequest { user: user.clone(), chain }).await?;
+    let ok = !matches!(outcome, native::Outcome::Err(_));
+    let response = native_response(actix_web::http::StatusCode::OK, &ServerMessage::Reply { id, outcome });
+    tracing::info!(
+        user = %user.name,
+        chain = %summary,
+        status = if ok { 200 } else { 500 },
+        bytes_in = bytes.len() as u64,
+        ms = started.elapsed().as_millis() as u64,
+        "native call"
+    );
+    Ok(response)
 }

@@ -10,8 +10,11 @@ use actix_web::{middleware, test, web, App};
 use base64::Engine;
 use bytes::Bytes;
 use ksrpc_core::auth::{AuthTuning, UserStore};
+use ksrpc_core::chain::{Call, CallChain};
+use ksrpc_core::codec::Zstd;
 use ksrpc_core::codec::{decode_all, encode_to_vec, ChunkedZlib, Limits, BORDER};
-use ksrpc_core::{CompatReply, CompatRequest, ExecError, Executor, RuleSet};
+use ksrpc_core::native::{self, ClientMessage, Outcome, ServerMessage, Value};
+use ksrpc_core::{CompatReply, CompatRequest, ExecError, Executor, NativeRequest, RuleSet};
 use ksrpc_transport_http::{guard, routes, HttpState};
 
 /// Echoes the payload reversed, so a test sees the executor really ran;
@@ -31,6 +34,10 @@ impl Executor for Echo {
         let mut body = req.payload.to_vec();
         body.reverse();
         Ok(CompatReply { status: 200, body: body.into(), summary: format!("echo for {}", req.user.name) })
+    }
+
+    async fn call_native(&self, req: NativeRequest) -> Result<Outcome, ExecError> {
+        Ok(Outcome::Ok(Value::Str(format!("{} {} {}", req.user.name, req.chain.module, req.chain.calls.len()))))
     }
 }
 
@@ -159,4 +166,38 @@ async fn hostile_bodies_get_clear_4xx() {
         let text = String::from_utf8_lossy(&test::read_body(res).await).to_string();
         assert!(text.contains(words), "{text:?} should mention {words:?}");
     }
+}
+
+#[actix_web::test]
+async fn a_native_call_round_trips_and_another_version_is_refused() {
+    let app = app!(Limits::default(), "/api/v1");
+    let call = ClientMessage::Call {
+        id: 7,
+        chain: CallChain::new("ksrpc.server.demo").then(Call::method("add", vec![Value::Int(1), Value::Int(2)])),
+    };
+    let body = encode_to_vec(&Zstd::default(), Bytes::from(native::encode(&call))).unwrap();
+    let req = authed(test::TestRequest::post().uri("/api/v1/v2/call")).set_payload(body).to_request();
+    let res = test::call_service(&app, req).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let bytes = decode_all(&Zstd::default(), &test::read_body(res).await, Limits::default()).unwrap();
+    assert_eq!(
+        native::decode::<ServerMessage>(&bytes).unwrap(),
+        ServerMessage::Reply { id: 7, outcome: Outcome::Ok(Value::Str("admin ksrpc.server.demo 1".into())) }
+    );
+    // Version 9: refused with a readable reason.
+    let mut raw = native::encode(&call);
+    raw[0] = 9;
+    let body = encode_to_vec(&Zstd::default(), Bytes::from(raw)).unwrap();
+    let req = authed(test::TestRequest::post().uri("/api/v1/v2/call")).set_payload(body).to_request();
+    let res = test::call_service(&app, req).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let bytes = decode_all(&Zstd::default(), &test::read_body(res).await, Limits::default()).unwrap();
+    match native::decode::<ServerMessage>(&bytes).unwrap() {
+        ServerMessage::Refused { reason } => assert!(reason.contains("version 9"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    // Not zstd at all: a clear 400.
+    let req = authed(test::TestRequest::post().uri("/api/v1/v2/call")).set_payload(b"garbage".to_vec()).to_request();
+    let res = test::call_service(&app, req).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
 }

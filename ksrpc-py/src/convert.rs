@@ -1,0 +1,173 @@
+//! Conversions between native [`Value`]s and Python objects, in one place.
+//!
+//! Tables cross as Arrow IPC streams through pyarrow (pandas DataFrames and
+//! numpy arrays); without pyarrow on the server that is a clear error naming
+//! it. A Python object with no native form goes back as a pickle.
+
+use ksrpc_core::chain::Call;
+use ksrpc_core::native::Value;
+use pyo3::exceptions::{PyImportError, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use serde_bytes::ByteBuf;
+
+/// What converting a value into Python needs from the caller.
+pub(crate) struct ToPy<'a, 'py> {
+    /// The `ksrpc.client` module (stand-ins `RpcCall`, `RpcClient`, `Self`).
+    pub client: &'a Bound<'py, PyModule>,
+    /// Loads a `Pickle` value under the user's rules (None: refused).
+    pub load_pickle: &'a dyn Fn(&[u8]) -> PyResult<Bound<'py, PyAny>>,
+}
+
+fn pyarrow<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
+    py.import("pyarrow").map_err(|_| {
+        PyImportError::new_err("tables need pyarrow, which is not installed on the server (pip install pyarrow)")
+    })
+}
+
+/// A value as a Python object.
+pub(crate) fn to_py<'py>(py: Python<'py>, v: &Value, cx: &ToPy<'_, 'py>) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        Value::None => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Int(i) => i.into_pyobject(py)?.into_any(),
+        Value::BigInt(s) => py.get_type::<PyInt>().call1((s.as_str(),))?,
+        Value::Float(f) => PyFloat::new(py, *f).into_any(),
+        Value::Str(s) => PyString::new(py, s).into_any(),
+        Value::Bytes(b) => PyBytes::new(py, b).into_any(),
+        Value::List(items) => {
+            PyList::new(py, items.iter().map(|i| to_py(py, i, cx)).collect::<PyResult<Vec<_>>>()?)?.into_any()
+        }
+        Value::Tuple(items) => {
+            PyTuple::new(py, items.iter().map(|i| to_py(py, i, cx)).collect::<PyResult<Vec<_>>>()?)?.into_any()
+        }
+        Value::Dict(pairs) => {
+            let d = PyDict::new(py);
+            for (k, v) in pairs {
+                d.set_item(to_py(py, k, cx)?, to_py(py, v, cx)?)?;
+            }
+            d.into_any()
+        }
+        Value::Chain(chain) => {
+            let client = cx.client.getattr("RpcClient")?;
+            let obj = client.call_method1("__new__", (&client,))?;
+            let state = PyDict::new(py);
+            state.set_item("module", &chain.module)?;
+            state.set_item("calls", calls_to_py(py, &chain.calls, cx)?)?;
+            obj.call_method1("__setstate__", (state,))?;
+            obj
+        }
+        Value::SelfRef => cx.client.getattr("Self")?,
+        Value::Table(bytes) => {
+            let pa = pyarrow(py)?;
+            let reader = pa.getattr("ipc")?.call_method1("open_stream", (PyBytes::new(py, bytes),))?;
+            reader.call_method0("read_pandas")?
+        }
+        Value::Pickle(bytes) => (cx.load_pickle)(bytes)?,
+    })
+}
+
+/// The calls of a chain as a list of stand-in `RpcCall` objects.
+pub(crate) fn calls_to_py<'py>(
+    py: Python<'py>,
+    calls: &[Call<Value>],
+    cx: &ToPy<'_, 'py>,
+) -> PyResult<Bound<'py, PyList>> {
+    let rpc_call = cx.client.getattr("RpcCall")?;
+    let mut out = Vec::with_capacity(calls.len());
+    for c in calls {
+        let (args, kwargs) = match &c.args {
+            None => (py.None().into_bound(py), py.None().into_bound(py)),
+            Some(a) => {
+                let args =
+                    PyTuple::new(py, a.positional.iter().map(|v| to_py(py, v, cx)).collect::<PyResult<Vec<_>>>()?)?;
+                let kwargs = PyDict::new(py);
+                for (k, v) in &a.keyword {
+                    kwargs.set_item(k, to_py(py, v, cx)?)?;
+                }
+                (args.into_any(), kwargs.into_any())
+            }
+        };
+        out.push(rpc_call.call1((c.name.as_str(), args, kwargs))?);
+    }
+    PyList::new(py, out)
+}
+
+/// A Python object as a value. Tables (DataFrame, ndarray) need pyarrow;
+/// anything else without a native form is pickled.
+pub(crate) fn from_py(py: Python<'_>, obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
+    if depth > ksrpc_core::native::MAX_DEPTH {
+        return Err(PyTypeError::new_err("the result nests deeper than the native protocol allows"));
+    }
+    if obj.is_none() {
+        return Ok(Value::None);
+    }
+    if let Ok(b) = obj.cast::<PyBool>() {
+        return Ok(Value::Bool(b.is_true()));
+    }
+    if obj.is_exact_instance_of::<PyInt>() {
+        return Ok(match obj.extract::<i64>() {
+            Ok(i) => Value::Int(i),
+            Err(_) => Value::BigInt(obj.str()?.to_string()),
+        });
+    }
+    if obj.is_exact_instance_of::<PyFloat>() {
+        return Ok(Value::Float(obj.extract()?));
+    }
+    if let Ok(s) = obj.cast_exact::<PyString>() {
+        return Ok(Value::Str(s.to_str()?.to_owned()));
+    }
+    if let Ok(b) = obj.cast_exact::<PyBytes>() {
+        return Ok(Value::Bytes(ByteBuf::from(b.as_bytes().to_vec())));
+    }
+    if let Ok(b) = obj.cast_exact::<PyByteArray>() {
+        return Ok(Value::Bytes(ByteBuf::from(b.to_vec())));
+    }
+    if let Ok(l) = obj.cast_exact::<PyList>() {
+        return Ok(Value::List(l.iter().map(|i| from_py(py, &i, depth + 1)).collect::<PyResult<_>>()?));
+    }
+    if let Ok(t) = obj.cast_exact::<PyTuple>() {
+        return Ok(Value::Tuple(t.iter().map(|i| from_py(py, &i, depth + 1)).collect::<PyResult<_>>()?));
+    }
+    if let Ok(d) = obj.cast_exact::<PyDict>() {
+        let mut pairs = Vec::with_capacity(d.len());
+        for (k, v) in d.iter() {
+            pairs.push((from_py(py, &k, depth + 1)?, from_py(py, &v, depth + 1)?));
+        }
+        return Ok(Value::Dict(pairs));
+    }
+    let module = obj.get_type().module().map(|m| m.to_string()).unwrap_or_default();
+    if module.starts_with("pandas") || module.starts_with("numpy") {
+        if let Some(table) = table_of(py, obj, &module)? {
+            return Ok(table);
+        }
+    }
+    let pickled = py.import("pickle")?.call_method1("dumps", (obj, 5))?;
+    Ok(Value::Pickle(ByteBuf::from(pickled.cast::<PyBytes>()?.as_bytes().to_vec())))
+}
+
+/// A DataFrame, Series or ndarray as an Arrow IPC stream.
+fn table_of(py: Python<'_>, obj: &Bound<'_, PyAny>, module: &str) -> PyResult<Option<Value>> {
+    let name = obj.get_type().name()?.to_string();
+    let frame = match (module.starts_with("pandas"), name.as_str()) {
+        (true, "DataFrame") => obj.clone(),
+        (true, "Series") => obj.call_method0("to_frame")?,
+        (false, "ndarray") => {
+            let pd = py.import("pandas")?;
+            let ndim: usize = obj.getattr("ndim")?.extract()?;
+            if ndim > 2 {
+                return Ok(None);
+            }
+            pd.call_method1("DataFrame", (obj,))?
+        }
+        _ => return Ok(None),
+    };
+    let pa = pyarrow(py)?;
+    let table = pa.getattr("Table")?.call_method1("from_pandas", (frame,))?;
+    let sink = pa.call_method0("BufferOutputStream")?;
+    let writer = pa.getattr("ipc")?.call_method1("new_stream", (&sink, table.getattr("schema")?))?;
+    writer.call_method1("write_table", (&table,))?;
+    writer.call_method0("close")?;
+    let buf = sink.call_method0("getvalue")?.call_method0("to_pybytes")?;
+    Ok(Some(Value::Table(ByteBuf::from(buf.cast::<PyBytes>()?.as_bytes().to_vec()))))
+}
