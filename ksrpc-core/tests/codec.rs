@@ -335,5 +335,5 @@ fn ws_decoder_ignores_unknown_text_and_rejects_bad_sequences() {
     // Binary growing past the slice limit without a border.
     let small = ChunkedZlib { max_encoded_slice: 1024, ..ChunkedZlib::default() };
     let mut d = small.ws_decoder(Limits::default());
-    assert!(matches!(d.binary(&[0u8; 2048]), Err(CodecError::MissingBorder { .. })));
+    assert!(matches!(d.binary(&[0u8; 2048]), Err(CodecError::SliceTooLarge { .. })));
 }

@@ -34,9 +34,9 @@ pub enum TransportError {
 impl From<CodecError> for TransportError {
     fn from(e: CodecError) -> Self {
         match e {
-            CodecError::EncodedTooLarge { .. } | CodecError::DecodedTooLarge { .. } => {
-                TransportError::TooLarge(e.to_string())
-            }
+            CodecError::EncodedTooLarge { .. }
+            | CodecError::DecodedTooLarge { .. }
+            | CodecError::SliceTooLarge { .. } => TransportError::TooLarge(e.to_string()),
             CodecError::Cancelled | CodecError::Compress(_) => TransportError::Internal(e.to_string()),
             _ => TransportError::BadRequest(e.to_string()),
         }

@@ -105,7 +105,9 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
             Ok(WsEvent::Done(p)) => p,
             Err(e) => {
                 let code = match e {
-                    CodecError::EncodedTooLarge { .. } | CodecError::DecodedTooLarge { .. } => CloseCode::Size,
+                    CodecError::EncodedTooLarge { .. }
+                    | CodecError::DecodedTooLarge { .. }
+                    | CodecError::SliceTooLarge { .. } => CloseCode::Size,
                     _ => CloseCode::Invalid,
                 };
                 tracing::warn!(user = %user.name, bytes_in, "websocket request refused: {e}");

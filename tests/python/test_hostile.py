@@ -314,6 +314,19 @@ def test_raw_multi_slice_request_with_every_border_split(settings, target, bysta
     bystander.check()
 
 
+def test_raw_reply_full_of_border_bytes_is_framed_right(settings, target, bystander):
+    """demo.add returns ~1 MB of incompressible bytes holding the border 1000
+    times: no encoded reply slice may contain the border (the client splits
+    blindly), whatever level the server picks for incompressible slices."""
+    data = b"".join(os.urandom(1000) + BORDER for _ in range(1000))
+    body = frame_body(request_pickle(calls=[RpcCall("add", (data, b""), {})]))
+    resp = run(raw_request(target, request_head(target, admin_headers(settings)), [http_chunk(body) + LAST_CHUNK], pause=0))
+    assert_chunked_reply(resp)
+    reply = unframe_body(resp.body)
+    assert reply["status"] == 200 and reply["data"] == data
+    bystander.check()
+
+
 @pytest.mark.parametrize(
     "case,value",
     [
@@ -447,6 +460,12 @@ HOSTILE_BODIES = {
     "gzip slice": (lambda: _gzip(_req()) + BORDER, 400, "corrupt"),
     "body not ending in a border": (lambda: frame_body(_req())[:-3], 400, "slice"),
     "data after the last border": (lambda: frame_body(_req()) + b"tail", 400, "slice"),
+    # A stored (level 0) slice carrying the border bytes: cannot be repaired.
+    "stored slice holding the border": (
+        lambda: zlib.compress(request_pickle(calls=[RpcCall("add", (b"a" + BORDER + b"b", b""), {})]), 0) + BORDER,
+        400,
+        "slice",
+    ),
     "empty body": (lambda: b"", 400, "empty"),
     "empty slice": (lambda: BORDER, 400, "empty"),
     "empty slice between slices": (lambda: _zlib(_req()) + BORDER + BORDER, 400, "empty"),
@@ -500,7 +519,6 @@ def test_http_decompression_bomb_is_413(settings, bystander, bomb_slice):
 
 def test_http_many_small_slices_over_the_decoded_limit_is_413(settings, bystander):
     """~800 KB of well-formed slices, each 128 KiB of zeros: 600 MiB decoded."""
-
     one = zlib.compress(bytes(SLICE_SIZE), 9) + BORDER
     status, text, _ = run(aiohttp_post(settings, one * (600 * MIB // SLICE_SIZE)))
     assert_refused(status, text, 413, "limit")
@@ -512,7 +530,6 @@ async def upload_over_limit(target, hdrs, total: int, content_length: bool):
     bytes) while reading the answer; the server may answer and close before
     the upload ends, so the sender stops at the first error or when the
     answer is complete."""
-
     piece = (zlib.compress(os.urandom(SLICE_SIZE), 0) + BORDER) * 8  # ~1 MiB, 8 valid slices
     n = total // len(piece) + 1
     reader, writer = await open_raw(target)
@@ -643,32 +660,31 @@ def test_http_no_request_smuggling_after_an_early_400(settings, target, bystande
 
     async def go():
         reader, writer = await open_raw(target)
-        sender = asyncio.create_task(writer.drain())
         writer.write(first + good)
+        sender = asyncio.create_task(writer.drain())
         answers = []
         try:
-            for _ in range(3):
+            for i in range(3):  # two requests sent: a third answer would be a smuggled one
                 try:
-                    answers.append(await asyncio.wait_for(read_response(reader), 10))
+                    answers.append(await asyncio.wait_for(read_response(reader), 10 if i < 2 else 1))
                 except (asyncio.IncompleteReadError, ConnectionError):
-                    answers.append(None)  # the server closed the connection
-                    break
+                    break  # the server closed the connection
+                except asyncio.TimeoutError:
+                    if i < 2:
+                        raise
+                    break  # nothing more: right
         finally:
             sender.cancel()
             writer.close()
         return answers
 
     answers = run(go())
-    first_answer = answers[0]
-    assert first_answer is not None, "no answer to the first request"
-    assert_refused(first_answer.status, first_answer.text, 400, "border")
-    rest = answers[1:]
-    assert rest, answers
-    assert rest[-1] is None, f"more answers than requests: {[a.status for a in rest if a]}"
-    if rest[0] is not None:
-        assert_chunked_reply(rest[0])
-        assert unframe_body(rest[0].body)["data"] == 3
-    assert len(rest) <= 2
+    assert answers, "no answer to the first request"
+    assert_refused(answers[0].status, answers[0].text, 400, "border")
+    assert len(answers) <= 2, f"more answers than requests: {[a.status for a in answers]}"
+    if len(answers) == 2:  # the server skipped the refused body and served the pipelined request
+        assert_chunked_reply(answers[1])
+        assert unframe_body(answers[1].body)["data"] == 3
     bystander.check()
 
 

@@ -463,7 +463,7 @@ impl WsDecoder {
             return Err(CodecError::EncodedTooLarge { limit: self.limits.max_encoded });
         }
         if self.pending.len() + data.len() > self.max_slice {
-            return Err(CodecError::MissingBorder { limit: self.max_slice });
+            return Err(CodecError::SliceTooLarge { limit: self.max_slice });
         }
         self.pending.extend_from_slice(data);
         Ok(())

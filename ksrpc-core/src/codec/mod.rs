@@ -62,6 +62,13 @@ pub enum CodecError {
         /// The largest encoded slice accepted.
         limit: usize,
     },
+    /// A WebSocket binary slice (or several before a border) grew past the
+    /// largest encoded slice accepted.
+    #[error("an encoded slice is larger than the limit of {limit} bytes")]
+    SliceTooLarge {
+        /// The largest encoded slice accepted.
+        limit: usize,
+    },
     /// A slice is not a valid zlib (or zstd) stream.
     #[error("slice {index} is corrupt: {reason}")]
     Corrupt {
