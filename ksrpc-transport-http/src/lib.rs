@@ -114,6 +114,21 @@ async fn generate_204() -> HttpResponse {
     HttpResponse::NoContent().finish()
 }
 
+/// Feeds the request body to `decoder` as it arrives (limits apply while it
+/// streams in); returns the payload and the bytes read.
+async fn read_body(
+    body: &mut web::Payload,
+    mut decoder: Box<dyn ksrpc_core::codec::StreamDecoder>,
+) -> Result<(Vec<u8>, u64), TransportError> {
+    let mut bytes_in = 0u64;
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| TransportError::BadRequest(format!("reading the body: {e}")))?;
+        bytes_in += piece.len() as u64;
+        decoder.feed(&piece)?;
+    }
+    Ok((decoder.finish()?, bytes_in))
+}
+
 /// One compat call: decode the body as it arrives, run it, stream the reply.
 async fn chunk(
     req: HttpRequest,
@@ -122,14 +137,7 @@ async fn chunk(
 ) -> Result<HttpResponse, TransportError> {
     let started = Instant::now();
     let user = user_of(&req)?;
-    let mut decoder = state.codec.decoder(state.limits);
-    let mut bytes_in = 0u64;
-    while let Some(piece) = body.next().await {
-        let piece = piece.map_err(|e| TransportError::BadRequest(format!("reading the body: {e}")))?;
-        bytes_in += piece.len() as u64;
-        decoder.feed(&piece)?;
-    }
-    let payload = decoder.finish()?;
+    let (payload, bytes_in) = read_body(&mut body, state.codec.decoder(state.limits)).await?;
     let reply =
         state.executor.call_compat(CompatRequest { user: user.clone(), payload: payload.into() }).await.inspect_err(
             |e| {
@@ -161,12 +169,7 @@ async fn v2_call(
 ) -> Result<HttpResponse, TransportError> {
     let started = Instant::now();
     let user = user_of(&req)?;
-    let mut decoder = Zstd::default().decoder(state.limits);
-    while let Some(piece) = body.next().await {
-        let piece = piece.map_err(|e| TransportError::BadRequest(format!("reading the body: {e}")))?;
-        decoder.feed(&piece)?;
-    }
-    let bytes = decoder.finish()?;
+    let (bytes, _) = read_body(&mut body, Zstd::default().decoder(state.limits)).await?;
     let refuse =
         |reason: String| native_response(actix_web::http::StatusCode::BAD_REQUEST, &ServerMessage::Refused { reason });
     let (id, chain) = match native::decode::<ClientMessage>(&bytes) {
