@@ -187,8 +187,12 @@ fn scan(pickle: &[u8]) -> Option<bool> {
             }
             // Stack and memo plumbing.
             b'0' => {
-                if stack.pop().is_none() {
-                    marks.pop()?;
+                // As CPython: with a mark at the top of the stack, POP drops
+                // the mark, not the item below it.
+                if marks.last() == Some(&stack.len()) {
+                    marks.pop();
+                } else {
+                    stack.pop()?;
                 }
             }
             b'1' => {

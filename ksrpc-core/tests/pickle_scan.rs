@@ -79,3 +79,13 @@ fn garbage_never_panics() {
         let _ = mutations_stay_local(&v);
     }
 }
+
+/// `MARK POP` pops the mark in CPython, not the item below it; a scan that
+/// popped the item lost track of an unknown call result and let a later
+/// BUILD on it through (found by review).
+#[test]
+fn mark_pop_does_not_desync_the_stack() {
+    // {} ; GLOBAL ksrpc.client RpcCall ; () REDUCE -> unknown ; MARK POP ; state ; BUILD on the unknown
+    let p = b"\x80\x04}cksrpc.client\nRpcCall\n)R(0}X\x01\x00\x00\x00aK\x01sb.";
+    assert!(!mutations_stay_local(p));
+}

@@ -110,6 +110,8 @@ SAFE_DUNDERS = frozenset({
 # Objects that expose globals or builtins without a dunder name (gen.gi_frame.f_builtins...).
 _INTERNAL_TYPES = (types.FrameType, types.CodeType, types.TracebackType, getattr(types, "CellType", ()))
 _ADVANCE = ("__next__", "__anext__")
+# Names whose call parses a format string that reaches attributes and items on its own.
+_FORMATTERS = frozenset({"format", "format_map", "vformat"})
 
 
 def _is_dunder(name):
@@ -212,8 +214,8 @@ class _Unpickler(pickle._Unpickler):
         where = f"global {module}.{name} is refused"
         if "." in name:  # protocol 4 resolves dotted names: random._os.system
             raise _Refused(f"{where}: dotted names are only loaded when listed in unpickle_allow")
-        if _is_dunder(name):
-            raise _Refused(f"{where}: dunder names are only loaded when listed in unpickle_allow")
+        if _is_dunder(name) or name.startswith("_"):
+            raise _Refused(f"{where}: private and dunder names are only loaded when listed in unpickle_allow")
         if module in self._policy.wild:
             obj = _lookup(module, name)
             # module:* means the module's own names, not what it imported from elsewhere
@@ -878,6 +880,13 @@ class Executor:
         if _is_dunder(name) and name not in SAFE_DUNDERS and not ctx.builtins:
             raise PermissionError(f"attribute {name!r} is refused: the rules of user {ctx.user!r} do not allow "
                                   f"'builtins', and only these dunders are open: {', '.join(sorted(SAFE_DUNDERS))}")
+        if name.startswith("_") and not _is_dunder(name) and not ctx.builtins:
+            raise PermissionError(f"private attribute {name!r} is refused: the rules of user {ctx.user!r} do not "
+                                  f"allow 'builtins'")
+        if name in _FORMATTERS and not ctx.builtins:
+            # str.format / format_map resolve "{0.__globals__[x]}" themselves,
+            # past the dunder and module checks.
+            raise PermissionError(f"{name!r} is refused: the rules of user {ctx.user!r} do not allow 'builtins'")
         is_builtin = False
         value = getattr(obj, name, _MISSING)  # 1. attribute
         if value is _MISSING and inspect.ismodule(obj):  # 2. submodule, or the stub of the module

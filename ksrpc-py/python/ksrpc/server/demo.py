@@ -9,7 +9,7 @@ import random
 import time
 
 
-def _require(package):
+def __require(package):  # private: chains and find_class refuse "_" names for users without builtins
     """Import an optional package or say clearly that the server lacks it."""
     try:
         return importlib.import_module(package)
@@ -40,13 +40,13 @@ def add(a, b):
 
 def test():
     """A small DataFrame (needs pandas)."""
-    pd = _require("pandas")
+    pd = __require("pandas")
     return pd.DataFrame({'A': [1, 2, 3, 4, 5]})
 
 
 def create_1d_array(target_mb: int = 100):
     """A random float64 array of about `target_mb` MiB (needs numpy)."""
-    np = _require("numpy")
+    np = __require("numpy")
     num_elements = target_mb * 1024 * 1024 // np.dtype(np.float64).itemsize
     arr = np.random.rand(num_elements).astype(np.float64)
     print(f"created: {arr.nbytes / (1024 * 1024):.2f} MiB 1-d array, dtype {arr.dtype}, {arr.size:,} elements")
