@@ -7,6 +7,7 @@
 //! - [`compat`]: replies the server must build without Python.
 //! - [`executor`]: the trait transports call to run a request.
 //! - [`native`]: the native protocol's `Value` and messages (postcard, versioned).
+//! - [`mux`]: slices of many native messages interleaved on one WebSocket.
 //! - [`pickle_scan`]: the static request-pickle scan behind the executor's fast path.
 //!
 //! This crate must not depend on actix, pyo3, reqwest or a tokio runtime
@@ -17,6 +18,7 @@ pub mod chain;
 pub mod codec;
 pub mod compat;
 pub mod executor;
+pub mod mux;
 pub mod native;
 pub mod pickle_scan;
 pub mod rules;

@@ -62,6 +62,101 @@ pub enum Value {
     Pickle(ByteBuf),
 }
 
+impl Value {
+    /// Roughly how many bytes the value takes encoded (strings, bytes and
+    /// tables by length, everything else a few bytes): transports encode
+    /// small replies inline and big ones off the async workers.
+    pub fn weight(&self) -> usize {
+        match self {
+            Value::Str(s) | Value::BigInt(s) => s.len() + 2,
+            Value::Bytes(b) | Value::Table(b) | Value::Pickle(b) => b.len() + 2,
+            Value::List(v) | Value::Tuple(v) => v.iter().map(Value::weight).sum::<usize>() + 2,
+            Value::Dict(v) => v.iter().map(|(k, v)| k.weight() + v.weight()).sum::<usize>() + 2,
+            Value::Chain(c) => {
+                c.module.len()
+                    + c.calls
+                        .iter()
+                        .map(|call| {
+                            call.name.len()
+                                + call.args.as_ref().map_or(0, |a| {
+                                    a.positional.iter().map(Value::weight).sum::<usize>()
+                                        + a.keyword.iter().map(|(k, v)| k.len() + v.weight()).sum::<usize>()
+                                })
+                        })
+                        .sum::<usize>()
+            }
+            _ => 9,
+        }
+    }
+}
+
+macro_rules! value_from {
+    ($($t:ty => $v:ident via $conv:expr),* $(,)?) => {
+        $(impl From<$t> for Value {
+            fn from(x: $t) -> Self {
+                Value::$v($conv(x))
+            }
+        })*
+    };
+}
+
+value_from! {
+    bool => Bool via std::convert::identity,
+    i8 => Int via i64::from,
+    i16 => Int via i64::from,
+    i32 => Int via i64::from,
+    i64 => Int via std::convert::identity,
+    u8 => Int via i64::from,
+    u16 => Int via i64::from,
+    u32 => Int via i64::from,
+    f32 => Float via f64::from,
+    f64 => Float via std::convert::identity,
+    String => Str via std::convert::identity,
+    &str => Str via str::to_owned,
+}
+
+/// Unsigned and 128-bit integers beyond `i64` become [`Value::BigInt`].
+macro_rules! value_from_wide {
+    ($($t:ty),*) => {
+        $(impl From<$t> for Value {
+            fn from(x: $t) -> Self {
+                i64::try_from(x).map_or_else(|_| Value::BigInt(x.to_string()), Value::Int)
+            }
+        })*
+    };
+}
+value_from_wide!(u64, usize, i128, u128);
+
+impl From<()> for Value {
+    fn from((): ()) -> Self {
+        Value::None
+    }
+}
+
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(x: Option<T>) -> Self {
+        x.map_or(Value::None, Into::into)
+    }
+}
+
+impl<T: Into<Value>> From<Vec<T>> for Value {
+    fn from(x: Vec<T>) -> Self {
+        Value::List(x.into_iter().map(Into::into).collect())
+    }
+}
+
+impl From<&[u8]> for Value {
+    fn from(x: &[u8]) -> Self {
+        Value::Bytes(ByteBuf::from(x))
+    }
+}
+
+impl From<CallChain<Value>> for Value {
+    fn from(chain: CallChain<Value>) -> Self {
+        Value::Chain(Box::new(chain))
+    }
+}
+
 /// The derived decoder of [`Value`]; [`Value`]'s own decoder wraps it with
 /// the depth limit.
 #[derive(Deserialize)]
@@ -180,6 +275,23 @@ pub enum ClientMessage {
     },
 }
 
+impl ClientMessage {
+    /// What the executor runs for this message: the request id and a chain.
+    /// `Next` is the chain `<handle>` with no calls, `CloseHandle` is
+    /// `<handle>.close()` (id 0: nobody waits for it); `Cancel` runs nothing.
+    pub fn into_work(self) -> Option<(u64, CallChain<Value>)> {
+        let on_handle = |handle, calls| CallChain { module: String::new(), calls, handle: Some(handle) };
+        match self {
+            ClientMessage::Call { id, chain } => Some((id, chain)),
+            ClientMessage::Next { id, handle } => Some((id, on_handle(handle, Vec::new()))),
+            ClientMessage::CloseHandle { handle } => {
+                Some((0, on_handle(handle, vec![crate::chain::Call::method("close", Vec::new())])))
+            }
+            ClientMessage::Cancel { .. } => None,
+        }
+    }
+}
+
 /// The outcome of one call.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Outcome {
@@ -232,6 +344,22 @@ pub enum NativeError {
 pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     let out = postcard::to_allocvec(&VERSION).expect("a u16 always serializes");
     postcard::to_extend(message, out).expect("serializing into a Vec cannot fail")
+}
+
+/// [`encode`] then zstd: the bytes a transport sends.
+pub fn encode_compressed<T: Serialize>(message: &T) -> Vec<u8> {
+    crate::codec::encode_to_vec(&crate::codec::Zstd::default(), encode(message).into())
+        .expect("zstd compression into memory cannot fail")
+}
+
+/// Undoes [`encode_compressed`] under `limits`, then [`decode`]s.
+pub fn decode_compressed<T: serde::de::DeserializeOwned>(
+    wire: &[u8],
+    limits: crate::codec::Limits,
+) -> Result<T, NativeError> {
+    let bytes = crate::codec::decode_all(&crate::codec::Zstd::default(), wire, limits)
+        .map_err(|e| NativeError::Malformed(e.to_string()))?;
+    decode(&bytes)
 }
 
 /// Reads the version field, then the message; trailing bytes are an error.

@@ -696,6 +696,11 @@ class Executor:
             ctx = _Ctx(user, rules, state, time.monotonic() + self._call_timeout)
             serial = self._serial is not None and self._is_serial(module)
             if ref_id:
+                if len(calls) == 1 and calls[0].name == "close" and not calls[0].args and not calls[0].kwargs:
+                    # CloseHandle: the chain `<handle>.close()` frees it (only the owner's).
+                    self._handles.take(ctx.user, ref_id)
+                    self._handles.drop(ref_id)
+                    return "exhausted", None
                 try:
                     return "ok", self._advance(ctx, ref_id)
                 except StopAsyncIteration:

@@ -22,8 +22,7 @@ use actix_web::middleware::Next;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use ksrpc_core::auth::{check_timestamp, parse_basic, User, UserStore};
-use ksrpc_core::chain::CallChain;
-use ksrpc_core::codec::{encode_to_vec, ChunkedZlib, Codec, Limits, Zstd};
+use ksrpc_core::codec::{ChunkedZlib, Codec, Limits, Zstd};
 use ksrpc_core::native::{self, ClientMessage, ServerMessage};
 use ksrpc_core::{CompatRequest, Executor, NativeRequest};
 
@@ -154,9 +153,21 @@ async fn chunk(
 /// The media type of native-protocol bodies (zstd-compressed postcard).
 pub const NATIVE_CONTENT_TYPE: &str = "application/x-ksrpc-native";
 
-fn native_response(status: actix_web::http::StatusCode, message: &ServerMessage) -> HttpResponse {
-    let body = encode_to_vec(&Zstd::default(), native::encode(message).into()).unwrap_or_default();
+fn native_response(status: actix_web::http::StatusCode, body: Vec<u8>) -> HttpResponse {
     HttpResponse::build(status).content_type(NATIVE_CONTENT_TYPE).body(body)
+}
+
+/// Replies smaller than this are encoded on the async worker; bigger ones on
+/// the blocking pool.
+pub const INLINE_REPLY: usize = 64 * 1024;
+
+/// Encodes a server message, off the async worker when it is big.
+pub async fn encode_server_message(message: ServerMessage) -> Result<Vec<u8>, TransportError> {
+    let big = matches!(&message, ServerMessage::Reply { outcome: native::Outcome::Ok(v), .. } if v.weight() > INLINE_REPLY);
+    if !big {
+        return Ok(native::encode_compressed(&message));
+    }
+    web::block(move || native::encode_compressed(&message)).await.map_err(|e| TransportError::Internal(e.to_string()))
 }
 
 /// One native call per request: `Call` or `Next` in, `Reply` out (see
@@ -171,24 +182,24 @@ async fn v2_call(
     let user = user_of(&req)?;
     let (bytes, _) = read_body(&mut body, Zstd::default().decoder(state.limits)).await?;
     let refuse =
-        |reason: String| native_response(actix_web::http::StatusCode::BAD_REQUEST, &ServerMessage::Refused { reason });
-    let (id, chain) = match native::decode::<ClientMessage>(&bytes) {
-        Ok(ClientMessage::Call { id, chain }) => (id, chain),
-        Ok(ClientMessage::Next { id, handle }) => {
-            (id, CallChain { module: String::new(), calls: Vec::new(), handle: Some(handle) })
-        }
-        Ok(_) => return Ok(refuse("only Call and Next are served over HTTP; use the WebSocket for the others".into())),
+        |reason: String| native_response(actix_web::http::StatusCode::BAD_REQUEST, native::encode_compressed(&ServerMessage::Refused { reason }));
+    let (id, chain) = match native::decode::<ClientMessage>(&bytes).map(ClientMessage::into_work) {
+        Ok(Some(work)) => work,
+        Ok(None) => return Ok(refuse("Cancel needs the WebSocket: an HTTP call is cancelled by closing it".into())),
         Err(e) => return Ok(refuse(e.to_string())),
     };
     let summary = chain.summary().to_string();
     let outcome = state.executor.call_native(NativeRequest { user: user.clone(), chain }).await?;
     let ok = !matches!(outcome, native::Outcome::Err(_));
-    let response = native_response(actix_web::http::StatusCode::OK, &ServerMessage::Reply { id, outcome });
+    let body = encode_server_message(ServerMessage::Reply { id, outcome }).await?;
+    let bytes_out = body.len() as u64;
+    let response = native_response(actix_web::http::StatusCode::OK, body);
     tracing::info!(
         user = %user.name,
         chain = %summary,
         status = if ok { 200 } else { 500 },
         bytes_in = bytes.len() as u64,
+        bytes_out,
         ms = started.elapsed().as_millis() as u64,
         "native call"
     );

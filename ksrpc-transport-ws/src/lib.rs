@@ -1,4 +1,5 @@
-//! ksrpc-transport-ws: `GET {prefix}/ws`, the 0.8.1 WebSocket sequence.
+//! ksrpc-transport-ws: `GET {prefix}/ws`, the 0.8.1 WebSocket sequence, and
+//! `GET {prefix}/v2/ws`, the native protocol multiplexed ([`v2`]).
 //!
 //! Per call the client sends binary slices, a text border after each, and a
 //! text `EOF`; the reply comes back the same way. Calls follow one another on
@@ -23,10 +24,13 @@ use std::sync::Arc;
 /// A request that stops half-way is dropped after this long without a message.
 const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
 
-/// Registers `GET {prefix}/ws`.
+pub mod v2;
+
+/// Registers `GET {prefix}/ws` and `GET {prefix}/v2/ws`.
 pub fn routes(prefix: &str) -> impl FnOnce(&mut web::ServiceConfig) + '_ {
     move |cfg| {
-        cfg.service(web::resource(format!("{prefix}/ws")).route(web::get().to(upgrade)));
+        cfg.service(web::resource(format!("{prefix}/ws")).route(web::get().to(upgrade)))
+            .service(web::resource(format!("{prefix}/v2/ws")).route(web::get().to(v2::upgrade)));
     }
 }
 
@@ -44,7 +48,7 @@ async fn upgrade(
     Ok(response)
 }
 
-fn close_reason(code: CloseCode, text: impl Into<String>) -> Option<CloseReason> {
+pub(crate) fn close_reason(code: CloseCode, text: impl Into<String>) -> Option<CloseReason> {
     Some(CloseReason { code, description: Some(text.into()) })
 }
 

@@ -1,0 +1,490 @@
+//! The two transports: HTTP (a request per call) and the multiplexed
+//! WebSocket (one socket, calls matched to replies by id).
+
+use std::collections::HashMap;
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use ksrpc_core::chain::CallChain;
+use ksrpc_core::codec::Limits;
+use ksrpc_core::mux::{self, Reassembler};
+use ksrpc_core::native::{self, ClientMessage, Outcome, ServerMessage, Value};
+use reqwest::Url;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{ClientBuilder, Error, Progress, Transport};
+
+/// Messages bigger than this are encoded and decoded on the blocking pool.
+const INLINE: usize = 64 * 1024;
+
+/// A call's successful outcome.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Value(Value),
+    Handle(NonZeroU64),
+    Exhausted,
+}
+
+fn reply_of(outcome: Outcome) -> Result<Reply, Error> {
+    match outcome {
+        Outcome::Ok(v) => Ok(Reply::Value(v)),
+        Outcome::Handle(h) => Ok(Reply::Handle(h)),
+        Outcome::Exhausted => Ok(Reply::Exhausted),
+        Outcome::Err(e) => Err(Error::Remote(e)),
+    }
+}
+
+/// rustls needs a process-wide crypto provider; ring is built in.
+fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Fails only when the application installed one already: keep it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+fn timestamp() -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    format!("{now:.3}")
+}
+
+async fn encode(message: ClientMessage) -> Result<Vec<u8>, Error> {
+    let big = match &message {
+        ClientMessage::Call { chain, .. } => Value::Chain(Box::new(chain.clone())).weight() > INLINE,
+        _ => false,
+    };
+    if big {
+        tokio::task::spawn_blocking(move || native::encode_compressed(&message))
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))
+    } else {
+        Ok(native::encode_compressed(&message))
+    }
+}
+
+fn decode_server(wire: &[u8], limits: Limits) -> Result<ServerMessage, Error> {
+    native::decode_compressed::<ServerMessage>(wire, limits).map_err(|e| Error::Protocol(e.to_string()))
+}
+
+async fn decode_server_off_thread(wire: Vec<u8>, limits: Limits) -> Result<ServerMessage, Error> {
+    if wire.len() <= INLINE {
+        return decode_server(&wire, limits);
+    }
+    tokio::task::spawn_blocking(move || decode_server(&wire, limits)).await.map_err(|e| Error::Protocol(e.to_string()))?
+}
+
+pub(crate) enum Conn {
+    Http(HttpConn),
+    Ws(WsConn),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Conn::Http(h) => write!(f, "Http({})", h.endpoint),
+            Conn::Ws(w) => write!(f, "WebSocket({})", w.endpoint),
+        }
+    }
+}
+
+/// The URL with its path's trailing `/` (and, for WebSockets, a trailing
+/// `/ws`, as the Python client's WebSocket URLs end) removed.
+fn base_url(url: &str) -> Result<(Url, Transport), Error> {
+    let mut url = Url::parse(url).map_err(|e| Error::Url(format!("{url}: {e}")))?;
+    let transport = match url.scheme() {
+        "http" | "https" => Transport::Http,
+        "ws" | "wss" => Transport::WebSocket,
+        other => return Err(Error::Url(format!("{url}: scheme {other} (use http, https, ws or wss)"))),
+    };
+    let mut path = url.path().trim_end_matches('/').to_owned();
+    if transport == Transport::WebSocket && path.ends_with("/ws") {
+        path.truncate(path.len() - 3);
+    }
+    url.set_path(&path);
+    Ok((url, transport))
+}
+
+fn with_scheme(mut url: Url, transport: Transport) -> Result<Url, Error> {
+    let secure = matches!(url.scheme(), "https" | "wss");
+    let scheme = match (transport, secure) {
+        (Transport::Http, false) => "http",
+        (Transport::Http, true) => "https",
+        (Transport::WebSocket, false) => "ws",
+        (Transport::WebSocket, true) => "wss",
+    };
+    url.set_scheme(scheme).map_err(|()| Error::Url(format!("{url}: cannot use scheme {scheme}")))?;
+    Ok(url)
+}
+
+fn basic(credentials: &Option<(String, String)>) -> Option<String> {
+    credentials.as_ref().map(|(user, password)| {
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+    })
+}
+
+impl Conn {
+    pub(crate) async fn connect(b: &ClientBuilder) -> Result<Conn, Error> {
+        install_crypto_provider();
+        let (base, implied) = base_url(&b.url)?;
+        let transport = b.transport.unwrap_or(implied);
+        let base = with_scheme(base, transport)?;
+        let auth = basic(&b.credentials);
+        match transport {
+            Transport::Http => {
+                let endpoint = Url::parse(&format!("{}/v2/call", base.as_str().trim_end_matches('/')))
+                    .map_err(|e| Error::Url(e.to_string()))?;
+                let http = reqwest::Client::builder()
+                    .connect_timeout(b.connect_timeout)
+                    .build()
+                    .map_err(|e| Error::Connection(e.to_string()))?;
+                Ok(Conn::Http(HttpConn { http, endpoint, auth, limits: b.limits, next_id: AtomicU64::new(1) }))
+            }
+            Transport::WebSocket => {
+                let endpoint = format!("{}/v2/ws", base.as_str().trim_end_matches('/'));
+                let conn = tokio::time::timeout(b.connect_timeout, WsConn::connect(endpoint, auth, b.limits))
+                    .await
+                    .map_err(|_| Error::Connection(format!("no connection within {:?}", b.connect_timeout)))??;
+                Ok(Conn::Ws(conn))
+            }
+        }
+    }
+
+    pub(crate) fn transport(&self) -> Transport {
+        match self {
+            Conn::Http(_) => Transport::Http,
+            Conn::Ws(_) => Transport::WebSocket,
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        match self {
+            Conn::Http(h) => h.next_id.fetch_add(1, Ordering::Relaxed),
+            Conn::Ws(w) => w.shared.next_id.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        id: u64,
+        message: ClientMessage,
+        progress: Option<Progress>,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, Error> {
+        let fut = async {
+            match self {
+                Conn::Http(h) => h.exchange(id, message, progress).await,
+                Conn::Ws(w) => w.exchange(id, message, progress).await,
+            }
+        };
+        match timeout {
+            // Dropping the exchange on timeout cancels the call (see WsCall).
+            Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| Error::Timeout(t))?,
+            None => fut.await,
+        }
+    }
+
+    /// Runs a chain.
+    pub(crate) async fn run(
+        &self,
+        chain: CallChain<Value>,
+        progress: Option<Progress>,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, Error> {
+        let id = self.next_id();
+        self.exchange(id, ClientMessage::Call { id, chain }, progress, timeout).await
+    }
+
+    /// Advances a generator handle.
+    pub(crate) async fn next(&self, handle: NonZeroU64, timeout: Option<Duration>) -> Result<Reply, Error> {
+        let id = self.next_id();
+        self.exchange(id, ClientMessage::Next { id, handle }, None, timeout).await
+    }
+
+    /// Frees a generator handle, in the background: called from `Drop`.
+    pub(crate) fn close_handle(&self, handle: NonZeroU64) {
+        match self {
+            Conn::Ws(w) => w.send_quiet(ClientMessage::CloseHandle { handle }),
+            Conn::Http(h) => {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let (http, endpoint, auth, limits) = (h.http.clone(), h.endpoint.clone(), h.auth.clone(), h.limits);
+                    rt.spawn(async move {
+                        let conn = HttpConn { http, endpoint, auth, limits, next_id: AtomicU64::new(0) };
+                        if let Err(e) = conn.exchange(0, ClientMessage::CloseHandle { handle }, None).await {
+                            tracing::debug!("closing generator handle: {e}");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+pub(crate) struct HttpConn {
+    http: reqwest::Client,
+    endpoint: Url,
+    auth: Option<String>,
+    limits: Limits,
+    next_id: AtomicU64,
+}
+
+impl HttpConn {
+    async fn exchange(&self, id: u64, message: ClientMessage, progress: Option<Progress>) -> Result<Reply, Error> {
+        let body = encode(message).await?;
+        let mut request = self
+            .http
+            .post(self.endpoint.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/x-ksrpc-native")
+            .header("X-Timestamp", timestamp())
+            .body(body);
+        if let Some(auth) = &self.auth {
+            request = request.header(reqwest::header::AUTHORIZATION, auth);
+        }
+        let response = request.send().await.map_err(|e| Error::Connection(e.to_string()))?;
+        let status = response.status().as_u16();
+        let native = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/x-ksrpc-native"));
+        match status {
+            200 => {}
+            400 if native => {}
+            401 => return Err(Error::Unauthorized),
+            403 => return Err(Error::Forbidden),
+            _ => {
+                let text = response.text().await.unwrap_or_default();
+                return Err(Error::Http { status, body: text.chars().take(500).collect() });
+            }
+        }
+        let total = response.content_length();
+        let mut wire = Vec::with_capacity(total.unwrap_or(0).min(self.limits.max_encoded) as usize);
+        let mut body = response.bytes_stream();
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(|e| Error::Connection(e.to_string()))?;
+            if (wire.len() + piece.len()) as u64 > self.limits.max_encoded {
+                return Err(Error::Protocol(format!("reply over the limit of {} bytes", self.limits.max_encoded)));
+            }
+            wire.extend_from_slice(&piece);
+            if let Some(p) = &progress {
+                p(wire.len() as u64, total);
+            }
+        }
+        match decode_server_off_thread(wire, self.limits).await? {
+            ServerMessage::Reply { id: got, outcome } if got == id => reply_of(outcome),
+            ServerMessage::Reply { id: got, .. } => Err(Error::Protocol(format!("reply to request {got}, expected {id}"))),
+            ServerMessage::Refused { reason } => Err(Error::Refused(reason)),
+        }
+    }
+}
+
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Pending {
+    reply: oneshot::Sender<Result<Reply, Error>>,
+    progress: Option<Progress>,
+}
+
+struct WsShared {
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// Why the socket ended, once it has: new calls fail with it.
+    closed: Mutex<Option<String>>,
+    next_id: AtomicU64,
+}
+
+impl WsShared {
+    fn fail_all(&self, error: impl Fn() -> Error) {
+        let pending: Vec<Pending> = self.pending.lock().expect("pending map poisoned").drain().map(|(_, p)| p).collect();
+        for p in pending {
+            let _ = p.reply.send(Err(error()));
+        }
+    }
+}
+
+pub(crate) struct WsConn {
+    endpoint: String,
+    shared: Arc<WsShared>,
+    outbound: mpsc::UnboundedSender<Bytes>,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for WsConn {
+    fn drop(&mut self) {
+        // The writer ends when `outbound` drops; the reader is stopped here.
+        self.reader.abort();
+    }
+}
+
+impl WsConn {
+    async fn connect(endpoint: String, auth: Option<String>, limits: Limits) -> Result<WsConn, Error> {
+        let mut request = endpoint.as_str().into_client_request().map_err(|e| Error::Url(format!("{endpoint}: {e}")))?;
+        let headers = request.headers_mut();
+        let header = |v: &str| v.parse().map_err(|_| Error::Url("credentials are not a valid header".into()));
+        if let Some(auth) = &auth {
+            headers.insert("Authorization", header(auth)?);
+        }
+        headers.insert("X-Timestamp", header(&timestamp())?);
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(mux::MAX_FRAME + 64))
+            .max_frame_size(Some(mux::MAX_FRAME + 64));
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true).await.map_err(
+            |e| match &e {
+                tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 401 => Error::Unauthorized,
+                tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 403 => Error::Forbidden,
+                tokio_tungstenite::tungstenite::Error::Http(r) => {
+                    Error::Http { status: r.status().as_u16(), body: String::new() }
+                }
+                _ => Error::Connection(e.to_string()),
+            },
+        )?;
+        let shared = Arc::new(WsShared {
+            pending: Mutex::new(HashMap::new()),
+            closed: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        });
+        let (sink, stream) = socket.split();
+        let (outbound, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(sink, rx, shared.clone()));
+        let reader = tokio::spawn(read_loop(stream, shared.clone(), limits)).abort_handle();
+        Ok(WsConn { endpoint, shared, outbound, reader })
+    }
+
+    fn closed_error(&self) -> Option<Error> {
+        self.shared.closed.lock().expect("closed flag poisoned").clone().map(Error::Connection)
+    }
+
+    /// Queues an encoded message's frames.
+    fn send_frames(&self, id: u64, wire: Bytes) -> Result<(), Error> {
+        for frame in mux::frames(id, &wire) {
+            self.outbound.send(frame).map_err(|_| Error::Connection("the WebSocket is closed".into()))?;
+        }
+        Ok(())
+    }
+
+    /// Sends a small message nobody waits for (`Cancel`, `CloseHandle`).
+    fn send_quiet(&self, message: ClientMessage) {
+        let id = match &message {
+            ClientMessage::Cancel { id } => *id,
+            _ => self.shared.next_id.fetch_add(1, Ordering::Relaxed),
+        };
+        let _ = self.send_frames(id, Bytes::from(native::encode_compressed(&message)));
+    }
+
+    async fn exchange(&self, id: u64, message: ClientMessage, progress: Option<Progress>) -> Result<Reply, Error> {
+        if let Some(e) = self.closed_error() {
+            return Err(e);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shared.pending.lock().expect("pending map poisoned").insert(id, Pending { reply: tx, progress });
+        let mut call = WsCall { conn: self, id, done: false };
+        let wire = encode(message).await?;
+        self.send_frames(id, Bytes::from(wire))?;
+        let reply = rx.await.map_err(|_| Error::Connection("the WebSocket closed during the call".into()));
+        call.done = true;
+        reply?
+    }
+}
+
+/// A call in flight on the socket; dropped before its reply (timeout, the
+/// caller gave up), it tells the server to cancel the call.
+struct WsCall<'a> {
+    conn: &'a WsConn,
+    id: u64,
+    done: bool,
+}
+
+impl Drop for WsCall<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.shared.pending.lock().expect("pending map poisoned").remove(&self.id);
+            self.conn.send_quiet(ClientMessage::Cancel { id: self.id });
+        }
+    }
+}
+
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WsStream, Message>,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    shared: Arc<WsShared>,
+) {
+    while let Some(frame) = rx.recv().await {
+        if let Err(e) = sink.send(Message::Binary(frame)).await {
+            let reason = format!("sending: {e}");
+            shared.closed.lock().expect("closed flag poisoned").get_or_insert(reason.clone());
+            shared.fail_all(|| Error::Connection(reason.clone()));
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+async fn read_loop(mut stream: futures_util::stream::SplitStream<WsStream>, shared: Arc<WsShared>, limits: Limits) {
+    let mut reassembler = Reassembler::new(limits);
+    let reason = loop {
+        let frame = match stream.next().await {
+            Some(Ok(Message::Binary(b))) => b,
+            Some(Ok(Message::Close(c))) => {
+                break c.map_or_else(
+                    || "the server closed the WebSocket".to_owned(),
+                    |c| format!("the server closed the WebSocket ({}): {}", u16::from(c.code), c.reason),
+                );
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break format!("reading: {e}"),
+            None => break "the server closed the connection".to_owned(),
+        };
+        let pushed = match reassembler.push(&frame) {
+            Ok(p) => p,
+            Err(e) => break format!("bad frame from the server: {e}"),
+        };
+        if pushed.message.is_none() {
+            let pending = shared.pending.lock().expect("pending map poisoned");
+            if let Some(progress) = pending.get(&pushed.id).and_then(|p| p.progress.clone()) {
+                drop(pending);
+                progress(pushed.received, pushed.total);
+            }
+            continue;
+        }
+        let wire = pushed.message.unwrap_or_default();
+        if wire.len() > INLINE {
+            // Big replies decode on the blocking pool so small ones behind
+            // them are delivered meanwhile.
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || deliver(&shared, decode_server(&wire, limits)));
+        } else if let Some(refused) = deliver(&shared, decode_server(&wire, limits)) {
+            break refused;
+        }
+    };
+    shared.closed.lock().expect("closed flag poisoned").get_or_insert(reason.clone());
+    shared.fail_all(|| Error::Connection(reason.clone()));
+}
+
+/// Hands a reply to its caller; returns the reason when the server refused
+/// and the socket is over.
+fn deliver(shared: &WsShared, message: Result<ServerMessage, Error>) -> Option<String> {
+    match message {
+        Ok(ServerMessage::Reply { id, outcome }) => {
+            let pending = shared.pending.lock().expect("pending map poisoned").remove(&id);
+            // No one waiting: the call was cancelled.
+            if let Some(p) = pending {
+                let _ = p.reply.send(reply_of(outcome));
+            }
+            None
+        }
+        Ok(ServerMessage::Refused { reason }) => {
+            shared.closed.lock().expect("closed flag poisoned").get_or_insert(format!("refused: {reason}"));
+            shared.fail_all(|| Error::Refused(reason.clone()));
+            Some(format!("refused: {reason}"))
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            shared.fail_all(|| Error::Protocol(reason.clone()));
+            Some(reason)
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! `GET {prefix}/v2/ws`: the native protocol with many calls in flight on
+//! one socket (framing in [`ksrpc_core::mux`], messages in
+//! [`ksrpc_core::native`], spec in `docs/protocol.md`).
+//!
+//! One task per socket reads frames, starts a task per call, and writes
+//! replies as they complete. Replies go out one slice at a time, round
+//! robin, so a small reply waits at most a slice behind a 100 MB one.
+//! `Cancel` aborts the call's task (which cancels it in the executor) and
+//! drops whatever of its reply was not sent yet. A socket that closes takes
+//! its calls with it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, Session};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use ksrpc_core::auth::User;
+use ksrpc_core::mux::{self, Header, MuxError, Reassembler};
+use ksrpc_core::native::{self, ClientMessage, NativeError, Outcome, RemoteError, ServerMessage};
+use ksrpc_core::{ExecError, NativeRequest};
+use ksrpc_transport_http::{encode_server_message, user_of, HttpState, INLINE_REPLY};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::AbortHandle;
+
+use crate::close_reason;
+
+/// Calls of one socket that run at once; more wait in line (not refused:
+/// a client may well put a hundred small calls in flight).
+pub const CALLS_PER_SOCKET: usize = 32;
+
+/// A message left half-sent is dropped after this long without a frame.
+const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
+
+pub(crate) async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<HttpState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let user = user_of(&req)?;
+    let (response, session, messages) = actix_ws::handle(&req, body)?;
+    let messages = messages.max_frame_size(mux::MAX_FRAME).aggregate_continuations().max_continuation_size(mux::MAX_FRAME);
+    actix_web::rt::spawn(Socket::new(state.into_inner(), user, session).serve(messages));
+    Ok(response)
+}
+
+/// A reply being sent, slice by slice.
+struct Outgoing {
+    id: u64,
+    data: Bytes,
+    sent: usize,
+}
+
+/// A call that finished: its id and encoded reply (`None`: nothing to send).
+type Finished = (u64, Option<Bytes>);
+
+struct Socket {
+    state: Arc<HttpState>,
+    user: Arc<User>,
+    session: Session,
+    reassembler: Reassembler,
+    in_flight: HashMap<u64, AbortHandle>,
+    outgoing: VecDeque<Outgoing>,
+    done_tx: mpsc::UnboundedSender<Finished>,
+    done_rx: mpsc::UnboundedReceiver<Finished>,
+    permits: Arc<Semaphore>,
+}
+
+/// Why serving stops: a close to send (code and reason), or nothing (the
+/// client left).
+type Stop = Option<(CloseCode, String)>;
+
+impl Socket {
+    fn new(state: Arc<HttpState>, user: Arc<User>, session: Session) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Socket {
+            reassembler: Reassembler::new(state.limits),
+            state,
+            user,
+            session,
+            in_flight: HashMap::new(),
+            outgoing: VecDeque::new(),
+            done_tx,
+            done_rx,
+            permits: Arc::new(Semaphore::new(CALLS_PER_SOCKET)),
+        }
+    }
+
+    async fn serve(mut self, mut messages: AggregatedMessageStream) {
+        let stop = loop {
+            let idle = async {
+                if self.reassembler.open_streams() > 0 {
+                    tokio::time::sleep(HALF_SENT_IDLE).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let sending = !self.outgoing.is_empty();
+            let step = tokio::select! {
+                msg = messages.next() => self.on_message(msg).await,
+                Some((id, reply)) = self.done_rx.recv() => {
+                    self.in_flight.remove(&id);
+                    if let Some(data) = reply {
+                        self.outgoing.push_back(Outgoing { id, data, sent: 0 });
+                    }
+                    Ok(())
+                }
+                () = std::future::ready(()), if sending => self.send_slice().await,
+                () = idle => Err(Some((CloseCode::Policy, "a message was left half-sent".into()))),
+            };
+            if let Err(stop) = step {
+                break stop;
+            }
+        };
+        for (_, task) in self.in_flight.drain() {
+            task.abort();
+        }
+        if let Some((code, reason)) = stop {
+            let _ = self.session.close(close_reason(code, reason)).await;
+        }
+    }
+
+    /// Sends the next slice of the reply at the front, then moves it to the
+    /// back if more remains.
+    async fn send_slice(&mut self) -> Result<(), Stop> {
+        let Some(mut out) = self.outgoing.pop_front() else { return Ok(()) };
+        let end = (out.sent + mux::SLICE).min(out.data.len());
+        let total = (out.sent == 0 && end < out.data.len()).then_some(out.data.len() as u64);
+        let frame = mux::frame(Header { id: out.id, fin: end == out.data.len(), total }, &out.data[out.sent..end]);
+        self.session.binary(frame).await.map_err(|_| None)?;
+        out.sent = end;
+        if out.sent < out.data.len() {
+            self.outgoing.push_back(out);
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, msg: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>) -> Result<(), Stop> {
+        match msg {
+            None => Err(None),
+            Some(Err(e)) => {
+                let code = if matches!(e, actix_ws::ProtocolError::Overflow) { CloseCode::Size } else { CloseCode::Protocol };
+                Err(Some((code, e.to_string())))
+            }
+            Some(Ok(AggregatedMessage::Binary(frame))) => self.on_frame(&frame).await,
+            Some(Ok(AggregatedMessage::Text(_))) => {
+                Err(Some((CloseCode::Unsupported, "the v2 socket carries binary frames only".into())))
+            }
+            Some(Ok(AggregatedMessage::Ping(p))) => self.session.pong(&p).await.map_err(|_| None),
+            Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
+            Some(Ok(AggregatedMessage::Close(_))) => Err(Some((CloseCode::Normal, String::new()))),
+        }
+    }
+
+    /// Sends `Refused` on stream 0, then stops with `code`.
+    async fn refuse(&mut self, code: CloseCode, reason: String) -> Result<(), Stop> {
+        tracing::warn!(user = %self.user.name, "v2 websocket refused: {reason}");
+        let message = native::encode_compressed(&ServerMessage::Refused { reason: reason.clone() });
+        for frame in mux::frames(0, &Bytes::from(message)) {
+            if self.session.binary(frame).await.is_err() {
+                return Err(None);
+            }
+        }
+        Err(Some((code, reason)))
+    }
+
+    async fn on_frame(&mut self, frame: &[u8]) -> Result<(), Stop> {
+        let pushed = match self.reassembler.push(frame) {
+            Ok(p) => p,
+            Err(e) => {
+                let code = match e {
+                    MuxError::MessageTooLarge { .. } | MuxError::BufferedTooLarge { .. } => CloseCode::Size,
+                    MuxError::TooManyStreams => CloseCode::Policy,
+                    MuxError::Malformed(_) | MuxError::ReservedFlags(_) => CloseCode::Protocol,
+                };
+                return self.refuse(code, e.to_string()).await;
+            }
+        };
+        let Some(wire) = pushed.message else { return Ok(()) };
+        let limits = self.state.limits;
+        let decoded = if wire.len() > INLINE_REPLY {
+            web::block(move || native::decode_compressed::<ClientMessage>(&wire, limits))
+                .await
+                .unwrap_or_else(|e| Err(NativeError::Malformed(e.to_string())))
+        } else {
+            native::decode_compressed::<ClientMessage>(&wire, limits)
+        };
+        let message = match decoded {
+            Ok(m) => m,
+            Err(e) => {
+                let code = if matches!(e, NativeError::UnsupportedVersion { .. }) {
+                    CloseCode::Policy
+                } else {
+                    CloseCode::Invalid
+                };
+                return self.refuse(code, e.to_string()).await;
+            }
+        };
+        if let ClientMessage::Cancel { id } = message {
+            self.cancel(id);
+            return Ok(());
+        }
+        let Some((id, chain)) = message.into_work() else { return Ok(()) };
+        if id != 0 && self.in_flight.contains_key(&id) {
+            return self.refuse(CloseCode::Policy, format!("request id {id} is already in flight")).await;
+        }
+        let task = actix_web::rt::spawn(run_call(
+            self.state.clone(),
+            self.user.clone(),
+            self.permits.clone(),
+            id,
+            chain,
+            self.done_tx.clone(),
+        ));
+        if id != 0 {
+            self.in_flight.insert(id, task.abort_handle());
+        }
+        Ok(())
+    }
+
+    /// Stops call `id`: aborting its task drops the executor's future, which
+    /// cancels the call; a reply not fully sent is dropped.
+    fn cancel(&mut self, id: u64) {
+        if let Some(task) = self.in_flight.remove(&id) {
+            task.abort();
+        }
+        self.outgoing.retain(|o| o.id != id);
+        self.reassembler.forget(id);
+    }
+}
+
+/// Runs one call and hands its encoded reply to the socket's writer.
+async fn run_call(
+    state: Arc<HttpState>,
+    user: Arc<User>,
+    permits: Arc<Semaphore>,
+    id: u64,
+    chain: ksrpc_core::CallChain<native::Value>,
+    done: mpsc::UnboundedSender<Finished>,
+) {
+    let Ok(_permit) = permits.acquire_owned().await else { return };
+    let started = Instant::now();
+    let summary = chain.summary().to_string();
+    let outcome = match state.executor.call_native(NativeRequest { user: user.clone(), chain }).await {
+        Ok(outcome) => outcome,
+        Err(e) => Outcome::Err(exec_error(&e)),
+    };
+    let status = if matches!(outcome, Outcome::Err(_)) { 500 } else { 200 };
+    if id == 0 {
+        // CloseHandle: nobody waits for an answer.
+        let _ = done.send((0, None));
+        return;
+    }
+    let reply = match encode_server_message(ServerMessage::Reply { id, outcome }).await {
+        Ok(bytes) => Bytes::from(bytes),
+        Err(e) => {
+            let error = RemoteError { kind: "InternalError".into(), message: e.to_string(), traceback: String::new() };
+            Bytes::from(native::encode_compressed(&ServerMessage::Reply { id, outcome: Outcome::Err(error) }))
+        }
+    };
+    tracing::info!(
+        user = %user.name,
+        chain = %summary,
+        status,
+        bytes_out = reply.len() as u64,
+        ms = started.elapsed().as_millis() as u64,
+        "native ws call"
+    );
+    let _ = done.send((id, Some(reply)));
+}
+
+/// A call that never ran, as the error its caller sees.
+fn exec_error(e: &ExecError) -> RemoteError {
+    let kind = match e {
+        ExecError::BadRequest { .. } => "BadRequest",
+        ExecError::Overloaded(_) => "Overloaded",
+        ExecError::ShuttingDown => "ShuttingDown",
+        ExecError::Internal(_) => "InternalError",
+    };
+    RemoteError { kind: kind.into(), message: e.to_string(), traceback: String::new() }
+}
