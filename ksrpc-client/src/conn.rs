@@ -77,7 +77,9 @@ async fn decode_server_off_thread(wire: Vec<u8>, limits: Limits) -> Result<Serve
     if wire.len() <= INLINE {
         return decode_server(&wire, limits);
     }
-    tokio::task::spawn_blocking(move || decode_server(&wire, limits)).await.map_err(|e| Error::Protocol(e.to_string()))?
+    tokio::task::spawn_blocking(move || decode_server(&wire, limits))
+        .await
+        .map_err(|e| Error::Protocol(e.to_string()))?
 }
 
 pub(crate) enum Conn {
@@ -144,7 +146,8 @@ impl Conn {
                     .connect_timeout(b.connect_timeout)
                     .build()
                     .map_err(|e| Error::Connection(e.to_string()))?;
-                Ok(Conn::Http(HttpConn { http, endpoint, auth, limits: b.limits, next_id: AtomicU64::new(1) }))
+                let next_id = Arc::new(AtomicU64::new(random_id_base()));
+                Ok(Conn::Http(HttpConn { http, endpoint, auth, limits: b.limits, next_id }))
             }
             Transport::WebSocket => {
                 let endpoint = format!("{}/v2/ws", base.as_str().trim_end_matches('/'));
@@ -213,10 +216,9 @@ impl Conn {
             Conn::Ws(w) => w.send_quiet(ClientMessage::CloseHandle { handle }),
             Conn::Http(h) => {
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    let (http, endpoint, auth, limits) = (h.http.clone(), h.endpoint.clone(), h.auth.clone(), h.limits);
+                    let conn = h.clone();
                     rt.spawn(async move {
-                        let conn = HttpConn { http, endpoint, auth, limits, next_id: AtomicU64::new(0) };
-                        if let Err(e) = conn.exchange(0, ClientMessage::CloseHandle { handle }, None).await {
+                        if let Err(e) = conn.post(ClientMessage::CloseHandle { handle }, None).await {
                             tracing::debug!("closing generator handle: {e}");
                         }
                     });
@@ -226,16 +228,63 @@ impl Conn {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct HttpConn {
     http: reqwest::Client,
     endpoint: Url,
     auth: Option<String>,
     limits: Limits,
-    next_id: AtomicU64,
+    next_id: Arc<AtomicU64>,
+}
+
+/// An HTTP call in flight; dropped before its reply, it posts a `Cancel`
+/// (the server cannot tell that an HTTP client left).
+struct HttpCall<'a> {
+    conn: &'a HttpConn,
+    id: u64,
+    done: bool,
+}
+
+impl Drop for HttpCall<'_> {
+    fn drop(&mut self) {
+        if self.done || self.id == 0 {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (conn, id) = (self.conn.clone(), self.id);
+            rt.spawn(async move {
+                if let Err(e) = conn.post(ClientMessage::Cancel { id }, None).await {
+                    tracing::debug!("cancelling request {id}: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// A random first request id: request ids of one user's HTTP clients must
+/// not collide, since `Cancel` names a call by (user, id).
+fn random_id_base() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    (h.finish() >> 2).max(1)
 }
 
 impl HttpConn {
     async fn exchange(&self, id: u64, message: ClientMessage, progress: Option<Progress>) -> Result<Reply, Error> {
+        let mut call = HttpCall { conn: self, id, done: false };
+        let reply = self.post(message, progress).await;
+        call.done = true;
+        match reply? {
+            ServerMessage::Reply { id: got, outcome } if got == id => reply_of(outcome),
+            ServerMessage::Reply { id: got, .. } => {
+                Err(Error::Protocol(format!("reply to request {got}, expected {id}")))
+            }
+            ServerMessage::Refused { reason } => Err(Error::Refused(reason)),
+        }
+    }
+
+    async fn post(&self, message: ClientMessage, progress: Option<Progress>) -> Result<ServerMessage, Error> {
         let body = encode(message).await?;
         let mut request = self
             .http
@@ -275,11 +324,7 @@ impl HttpConn {
                 p(wire.len() as u64, total);
             }
         }
-        match decode_server_off_thread(wire, self.limits).await? {
-            ServerMessage::Reply { id: got, outcome } if got == id => reply_of(outcome),
-            ServerMessage::Reply { id: got, .. } => Err(Error::Protocol(format!("reply to request {got}, expected {id}"))),
-            ServerMessage::Refused { reason } => Err(Error::Refused(reason)),
-        }
+        decode_server_off_thread(wire, self.limits).await
     }
 }
 
@@ -299,7 +344,8 @@ struct WsShared {
 
 impl WsShared {
     fn fail_all(&self, error: impl Fn() -> Error) {
-        let pending: Vec<Pending> = self.pending.lock().expect("pending map poisoned").drain().map(|(_, p)| p).collect();
+        let pending: Vec<Pending> =
+            self.pending.lock().expect("pending map poisoned").drain().map(|(_, p)| p).collect();
         for p in pending {
             let _ = p.reply.send(Err(error()));
         }
@@ -322,7 +368,8 @@ impl Drop for WsConn {
 
 impl WsConn {
     async fn connect(endpoint: String, auth: Option<String>, limits: Limits) -> Result<WsConn, Error> {
-        let mut request = endpoint.as_str().into_client_request().map_err(|e| Error::Url(format!("{endpoint}: {e}")))?;
+        let mut request =
+            endpoint.as_str().into_client_request().map_err(|e| Error::Url(format!("{endpoint}: {e}")))?;
         let headers = request.headers_mut();
         let header = |v: &str| v.parse().map_err(|_| Error::Url("credentials are not a valid header".into()));
         if let Some(auth) = &auth {
@@ -332,16 +379,15 @@ impl WsConn {
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .max_message_size(Some(mux::MAX_FRAME + 64))
             .max_frame_size(Some(mux::MAX_FRAME + 64));
-        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true).await.map_err(
-            |e| match &e {
+        let (socket, _) =
+            tokio_tungstenite::connect_async_with_config(request, Some(config), true).await.map_err(|e| match &e {
                 tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 401 => Error::Unauthorized,
                 tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 403 => Error::Forbidden,
                 tokio_tungstenite::tungstenite::Error::Http(r) => {
                     Error::Http { status: r.status().as_u16(), body: String::new() }
                 }
                 _ => Error::Connection(e.to_string()),
-            },
-        )?;
+            })?;
         let shared = Arc::new(WsShared {
             pending: Mutex::new(HashMap::new()),
             closed: Mutex::new(None),

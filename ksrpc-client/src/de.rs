@@ -128,7 +128,9 @@ impl<'de> de::Deserializer<'de> for ValueDe<'de> {
                 let (k, v) = &pairs[0];
                 visitor.visit_enum(EnumDe { variant: ValueDe(k), content: ValueDe(v) })
             }
-            other => Err(de::Error::custom(format!("expected an enum (a str or a one-entry dict), got {}", kind(other)))),
+            other => {
+                Err(de::Error::custom(format!("expected an enum (a str or a one-entry dict), got {}", kind(other))))
+            }
         }
     }
 
@@ -230,7 +232,10 @@ mod tests {
             (s("tags"), Value::List(vec![s("a"), s("b")])),
         ]);
         let got: Row = from_value(&row).unwrap();
-        assert_eq!(got, Row { code: "000001.XSHE".into(), close: 10.5, volume: None, tags: vec!["a".into(), "b".into()] });
+        assert_eq!(
+            got,
+            Row { code: "000001.XSHE".into(), close: 10.5, volume: None, tags: vec!["a".into(), "b".into()] }
+        );
         let t: (i64, String, Vec<f64>) =
             from_value(&Value::Tuple(vec![Value::Int(1), s("x"), Value::List(vec![Value::Float(0.5)])])).unwrap();
         assert_eq!(t, (1, "x".into(), vec![0.5]));

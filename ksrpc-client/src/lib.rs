@@ -367,10 +367,7 @@ impl ValueStream {
 impl Stream for ValueStream {
     type Item = Result<Value, Error>;
 
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
         use std::task::Poll;
         if let Some(v) = self.first.take() {
             return Poll::Ready(Some(Ok(v)));

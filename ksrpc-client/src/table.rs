@@ -18,7 +18,8 @@ pub fn value_to_batches(value: &Value) -> Result<Vec<RecordBatch>, Error> {
         };
         return Err(Error::Arrow(format!("expected a table, got {got}")));
     };
-    let reader = StreamReader::try_new(std::io::Cursor::new(ipc.as_ref()), None).map_err(|e| Error::Arrow(e.to_string()))?;
+    let reader =
+        StreamReader::try_new(std::io::Cursor::new(ipc.as_ref()), None).map_err(|e| Error::Arrow(e.to_string()))?;
     reader.collect::<Result<Vec<_>, _>>().map_err(|e| Error::Arrow(e.to_string()))
 }
 

@@ -254,7 +254,10 @@ mod tests {
         assert_eq!(r.push(&[]).unwrap_err(), MuxError::Malformed("empty frame"));
         assert_eq!(r.push(&[0x80, 1]).unwrap_err(), MuxError::ReservedFlags(0x80));
         assert_eq!(r.push(&[FIN, 0x80]).unwrap_err(), MuxError::Malformed("truncated varint"));
-        assert!(matches!(r.push(&[FIN, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]), Err(MuxError::Malformed(_))));
+        assert!(matches!(
+            r.push(&[FIN, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]),
+            Err(MuxError::Malformed(_))
+        ));
         assert_eq!(r.push(&[FIN | TOTAL, 1]).unwrap_err(), MuxError::Malformed("truncated varint"));
     }
 

@@ -149,6 +149,7 @@ async fn serve(config: Config, users: Arc<UserStore>, executor: PyExecutor) -> R
         codec: config.codec(),
         limits: config.limits(),
         timestamp_window: config.server.timestamp_window,
+        in_flight: Default::default(),
     });
     let app_path = path.clone();
     let mut server = HttpServer::new(move || {

@@ -13,7 +13,8 @@
 mod error;
 mod reply;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::body::MessageBody;
@@ -25,6 +26,7 @@ use ksrpc_core::auth::{check_timestamp, parse_basic, User, UserStore};
 use ksrpc_core::codec::{ChunkedZlib, Codec, Limits, Zstd};
 use ksrpc_core::native::{self, ClientMessage, ServerMessage};
 use ksrpc_core::{CompatRequest, Executor, NativeRequest};
+use tokio::sync::oneshot;
 
 pub use error::TransportError;
 pub use reply::{log_call, stream_reply};
@@ -42,6 +44,48 @@ pub struct HttpState {
     pub limits: Limits,
     /// Seconds `X-Timestamp` may differ from now; `<= 0` disables the check.
     pub timestamp_window: f64,
+    /// Native HTTP calls in flight, for `Cancel`.
+    pub in_flight: InFlight,
+}
+
+/// Native HTTP calls in flight by (user, request id), so that a `Cancel`
+/// posted on another connection stops one: a server cannot hear an HTTP
+/// client leave while its call runs, so the client says so.
+#[derive(Clone, Debug, Default)]
+pub struct InFlight(Arc<Mutex<HashMap<CallKey, oneshot::Sender<()>>>>);
+
+/// (user name, request id).
+type CallKey = (String, u64);
+
+impl InFlight {
+    fn register(&self, user: &str, id: u64) -> Option<(oneshot::Receiver<()>, InFlightGuard)> {
+        let mut map = self.0.lock().expect("in-flight map poisoned");
+        let key = (user.to_owned(), id);
+        if map.contains_key(&key) {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        map.insert(key.clone(), tx);
+        Some((rx, InFlightGuard { map: self.clone(), key }))
+    }
+
+    /// Stops `user`'s call `id`; false when there is none.
+    fn cancel(&self, user: &str, id: u64) -> bool {
+        let tx = self.0.lock().expect("in-flight map poisoned").remove(&(user.to_owned(), id));
+        tx.is_some_and(|tx| tx.send(()).is_ok())
+    }
+}
+
+/// Unregisters a call when its handler ends, however it ends.
+struct InFlightGuard {
+    map: InFlight,
+    key: (String, u64),
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.map.0.lock().expect("in-flight map poisoned").remove(&self.key);
+    }
 }
 
 impl std::fmt::Debug for HttpState {
@@ -50,6 +94,7 @@ impl std::fmt::Debug for HttpState {
             .field("codec", &self.codec)
             .field("limits", &self.limits)
             .field("timestamp_window", &self.timestamp_window)
+            .field("in_flight", &self.in_flight)
             .finish()
     }
 }
@@ -163,7 +208,8 @@ pub const INLINE_REPLY: usize = 64 * 1024;
 
 /// Encodes a server message, off the async worker when it is big.
 pub async fn encode_server_message(message: ServerMessage) -> Result<Vec<u8>, TransportError> {
-    let big = matches!(&message, ServerMessage::Reply { outcome: native::Outcome::Ok(v), .. } if v.weight() > INLINE_REPLY);
+    let big =
+        matches!(&message, ServerMessage::Reply { outcome: native::Outcome::Ok(v), .. } if v.weight() > INLINE_REPLY);
     if !big {
         return Ok(native::encode_compressed(&message));
     }
@@ -181,15 +227,46 @@ async fn v2_call(
     let started = Instant::now();
     let user = user_of(&req)?;
     let (bytes, _) = read_body(&mut body, Zstd::default().decoder(state.limits)).await?;
-    let refuse =
-        |reason: String| native_response(actix_web::http::StatusCode::BAD_REQUEST, native::encode_compressed(&ServerMessage::Refused { reason }));
-    let (id, chain) = match native::decode::<ClientMessage>(&bytes).map(ClientMessage::into_work) {
-        Ok(Some(work)) => work,
-        Ok(None) => return Ok(refuse("Cancel needs the WebSocket: an HTTP call is cancelled by closing it".into())),
+    let refuse = |reason: String| {
+        native_response(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            native::encode_compressed(&ServerMessage::Refused { reason }),
+        )
+    };
+    let message = match native::decode::<ClientMessage>(&bytes) {
+        Ok(m) => m,
         Err(e) => return Ok(refuse(e.to_string())),
     };
+    if let ClientMessage::Cancel { id } = message {
+        // Answered `Ok(true)` when the call was found and stopped.
+        let found = state.in_flight.cancel(&user.name, id);
+        let body = native::encode_compressed(&ServerMessage::Reply { id, outcome: native::Outcome::Ok(found.into()) });
+        return Ok(native_response(actix_web::http::StatusCode::OK, body));
+    }
+    let Some((id, chain)) = message.into_work() else { return Ok(refuse("nothing to run".into())) };
     let summary = chain.summary().to_string();
-    let outcome = state.executor.call_native(NativeRequest { user: user.clone(), chain }).await?;
+    let registered = if id == 0 { None } else { state.in_flight.register(&user.name, id) };
+    if id != 0 && registered.is_none() {
+        return Ok(refuse(format!("request id {id} is already in flight for this user")));
+    }
+    let call = state.executor.call_native(NativeRequest { user: user.clone(), chain });
+    let outcome = match registered {
+        None => call.await?,
+        Some((cancelled, _guard)) => {
+            tokio::select! {
+                outcome = call => outcome?,
+                // Dropping `call` cancels it in the executor.
+                _ = cancelled => {
+                    let error = native::RemoteError {
+                        kind: "Cancelled".into(),
+                        message: format!("request {id} was cancelled by the client"),
+                        traceback: String::new(),
+                    };
+                    native::Outcome::Err(error)
+                }
+            }
+        }
+    };
     let ok = !matches!(outcome, native::Outcome::Err(_));
     let body = encode_server_message(ServerMessage::Reply { id, outcome }).await?;
     let bytes_out = body.len() as u64;

@@ -50,6 +50,7 @@ fn state(limits: Limits) -> web::Data<HttpState> {
         codec: ChunkedZlib::default(),
         limits,
         timestamp_window: 30.0,
+        in_flight: Default::default(),
     })
 }
 

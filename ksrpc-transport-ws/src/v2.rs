@@ -41,7 +41,8 @@ pub(crate) async fn upgrade(
 ) -> Result<HttpResponse, actix_web::Error> {
     let user = user_of(&req)?;
     let (response, session, messages) = actix_ws::handle(&req, body)?;
-    let messages = messages.max_frame_size(mux::MAX_FRAME).aggregate_continuations().max_continuation_size(mux::MAX_FRAME);
+    let messages =
+        messages.max_frame_size(mux::MAX_FRAME).aggregate_continuations().max_continuation_size(mux::MAX_FRAME);
     actix_web::rt::spawn(Socket::new(state.into_inner(), user, session).serve(messages));
     Ok(response)
 }
@@ -137,11 +138,15 @@ impl Socket {
         Ok(())
     }
 
-    async fn on_message(&mut self, msg: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>) -> Result<(), Stop> {
+    async fn on_message(
+        &mut self,
+        msg: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>,
+    ) -> Result<(), Stop> {
         match msg {
             None => Err(None),
             Some(Err(e)) => {
-                let code = if matches!(e, actix_ws::ProtocolError::Overflow) { CloseCode::Size } else { CloseCode::Protocol };
+                let code =
+                    if matches!(e, actix_ws::ProtocolError::Overflow) { CloseCode::Size } else { CloseCode::Protocol };
                 Err(Some((code, e.to_string())))
             }
             Some(Ok(AggregatedMessage::Binary(frame))) => self.on_frame(&frame).await,

@@ -87,3 +87,19 @@ async def wait_for_cancel(seconds=30.0):
 
 def cancelled_count():
     return len(CANCELLED)
+
+
+def echo(value):
+    """Return the argument unchanged (native-protocol round trips)."""
+    return value
+
+
+def frame_summary(frame):
+    """Rows, column names and dtypes of a DataFrame argument (a native table
+    arrives as a pandas DataFrame)."""
+    return len(frame), [str(c) for c in frame.columns], [str(t) for t in frame.dtypes]
+
+
+def countdown(n=3):
+    """A generator of n, n-1, ..., 1."""
+    yield from range(n, 0, -1)

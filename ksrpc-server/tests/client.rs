@@ -1,0 +1,573 @@
+//! The Rust client against the real `ksrpc-server` binary, its embedded
+//! CPython and the test venv (numpy, pandas, pyarrow), over HTTP and the
+//! multiplexed WebSocket.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use ksrpc_client::{batches_to_value, Client, Error, Transport, Value, SELF};
+use serde_bytes::ByteBuf;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ksrpc-server");
+const ADMIN: (&str, &str) = ("admin", "admin-pw");
+const LIMITED: (&str, &str) = ("limited", "limited-pw");
+
+/// The server binary on a free loopback port; killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let venv = std::env::var("KSRPC_TEST_VENV").expect("KSRPC_TEST_VENV is not set: run `cargo xtask test`");
+        let modules = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/server_modules");
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[server]
+port = 0
+[users.admin]
+password = "{}"
+rules = ["allow *"]
+[users.limited]
+password = "{}"
+rules = ["allow ksrpc.server.demo", "allow bench_mod", "deny *"]
+[python]
+venv = {venv:?}
+path = [{modules:?}]
+threads = 4
+"#,
+                ADMIN.1, LIMITED.1
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !line.contains("listening on") {
+            line.clear();
+            assert!(Instant::now() < deadline, "the server did not start");
+            assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "the server exited");
+        }
+        let base = line.trim().rsplit(' ').next().unwrap().to_owned();
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        Server { child, base, _dir: dir }
+    }
+
+    /// The URL as given to the Python client for `transport`.
+    fn url(&self, transport: Transport) -> String {
+        match transport {
+            Transport::Http => self.base.clone(),
+            Transport::WebSocket => format!("{}/ws", self.base.replacen("http://", "ws://", 1)),
+        }
+    }
+
+    async fn client(&self, transport: Transport, (user, password): (&str, &str)) -> Client {
+        Client::builder(self.url(transport)).credentials(user, password).connect().await.unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const BOTH: [Transport; 2] = [Transport::Http, Transport::WebSocket];
+
+fn s(x: &str) -> Value {
+    Value::Str(x.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_values_errors_and_rules_over_both_transports() {
+    let server = Server::start();
+    for transport in BOTH {
+        let client = server.client(transport, ADMIN).await;
+        assert_eq!(client.transport(), transport);
+        let demo = client.module("ksrpc.server.demo");
+        let sum: i64 = demo.clone().call("add", (1, 2)).collect().await.unwrap();
+        assert_eq!(sum, 3, "{transport:?}");
+        let joined: String = demo.clone().call("add", ("a", "b")).collect().await.unwrap();
+        assert_eq!(joined, "ab");
+        let big = "123456789012345678901234567890";
+        let v = demo.clone().call("add", (Value::BigInt(big.into()), 1)).await.unwrap();
+        assert_eq!(v, Value::BigInt("123456789012345678901234567891".into()));
+        // attribute, Self, get_item, keywords, a chain as an argument
+        assert_eq!(demo.clone().attr("PASSWORD").await.unwrap(), Value::Int(123_456));
+        let n: usize = demo.clone().attr("LIST").call("__len__", ()).collect().await.unwrap();
+        assert_eq!(n, 5);
+        let n: usize = demo.clone().attr("LIST").call("len", (SELF,)).collect().await.unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(demo.clone().attr("LIST").get_item(-1).await.unwrap(), Value::Int(5));
+        let kw = demo.clone().call_kw("add", (), [("a", 2), ("b", 40)]);
+        assert_eq!(kw.await.unwrap(), Value::Int(42));
+        let nested = demo.clone().call("add", (demo.clone().attr("PASSWORD"), 1));
+        assert_eq!(nested.await.unwrap(), Value::Int(123_457));
+        let pairs =
+            client.module("builtins").call("dict", (Value::List(vec![Value::Tuple(vec![Value::Int(1), s("one")])]),));
+        assert_eq!(pairs.await.unwrap(), Value::Dict(vec![(Value::Int(1), s("one"))]));
+        // A Python exception arrives with its type, message and traceback.
+        let err = demo.clone().call("div", (1, 0)).await.unwrap_err();
+        let remote = err.remote().unwrap_or_else(|| panic!("{err}"));
+        assert_eq!(remote.kind, "ZeroDivisionError");
+        assert!(remote.traceback.contains("div"), "{}", remote.traceback);
+        // A generator result is refused by value() and read by stream().
+        let err = demo.clone().call("sync_counter", ()).await.unwrap_err();
+        assert!(err.to_string().contains("stream"), "{err}");
+        let items: Vec<Value> =
+            client.module("bench_mod").call("countdown", (4,)).stream().await.unwrap().try_collect().await.unwrap();
+        assert_eq!(items, vec![Value::Int(4), Value::Int(3), Value::Int(2), Value::Int(1)]);
+        let items: Vec<Value> =
+            demo.clone().call("async_counter", ()).stream().await.unwrap().try_collect().await.unwrap();
+        assert!(!items.is_empty());
+        // Dropping a stream early closes the generator; the connection goes on.
+        let mut stream = client.module("bench_mod").call("countdown", (1000,)).stream().await.unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap(), Value::Int(1000));
+        drop(stream);
+        assert_eq!(demo.clone().call("add", (2, 2)).await.unwrap(), Value::Int(4));
+
+        // Rules: the limited user reaches the demo module and nothing else.
+        let limited = server.client(transport, LIMITED).await;
+        assert_eq!(limited.module("ksrpc.server.demo").call("add", (1, 1)).await.unwrap(), Value::Int(2));
+        for forbidden in [
+            limited.module("os").call("getcwd", ()),
+            limited.module("ksrpc.server.demo").attr("random").attr("_os").call("getcwd", ()),
+            limited.module("ksrpc.server.demo").attr("add").attr("__globals__"),
+            limited.module("builtins").call("len", ((1, 2).into_value(),)),
+        ] {
+            let err = forbidden.clone().await.unwrap_err();
+            let remote = err.remote().unwrap_or_else(|| panic!("{forbidden:?}: {err}"));
+            assert!(matches!(remote.kind.as_str(), "PermissionError" | "AttributeError"), "{forbidden:?}: {remote:?}");
+        }
+        // A pickle value is refused for a user without builtins.
+        let pickled = limited
+            .module("bench_mod")
+            .call("echo", (Value::Pickle(ByteBuf::from(b"\x80\x04K\x01.".to_vec())),))
+            .await
+            .unwrap_err();
+        assert_eq!(pickled.remote().map(|r| r.kind.as_str()), Some("PermissionError"), "{pickled}");
+
+        // Wrong password: a clear error, on both transports.
+        let err = Client::builder(server.url(transport)).credentials("admin", "wrong").connect().await;
+        let err = match err {
+            Ok(c) => c.module("ksrpc.server.demo").call("add", (1, 2)).await.unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(matches!(err, Error::Unauthorized), "{transport:?}: {err}");
+    }
+}
+
+/// Turns a tuple into a `Value::Tuple` (test shorthand).
+trait IntoValue {
+    fn into_value(self) -> Value;
+}
+
+impl IntoValue for (i64, i64) {
+    fn into_value(self) -> Value {
+        Value::Tuple(vec![self.0.into(), self.1.into()])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dataframes_cross_as_arrow_record_batches() {
+    use arrow_array::{Array, Float64Array, Int64Array, StringArray};
+
+    let server = Server::start();
+    for transport in BOTH {
+        let client = server.client(transport, ADMIN).await;
+        let batches = client.module("bench_mod").call("market_frame", (5000,)).record_batches().await.unwrap();
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 5000);
+        let schema = batches[0].schema();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        for want in ["date", "code", "open", "high", "low", "close", "volume"] {
+            assert!(names.contains(&want), "{names:?}");
+        }
+        let close = batches[0].column_by_name("close").unwrap().as_any().downcast_ref::<Float64Array>().unwrap();
+        assert!(close.iter().all(|c| c.is_some_and(|c| c > 0.0)));
+
+        // A RecordBatch as an argument arrives as a pandas DataFrame.
+        let batch = arrow_array::RecordBatch::try_from_iter([
+            ("code", Arc::new(StringArray::from(vec!["600000", "600001", "600002"])) as Arc<dyn Array>),
+            ("volume", Arc::new(Int64Array::from(vec![1, 2, 3])) as Arc<dyn Array>),
+        ])
+        .unwrap();
+        let table = batches_to_value(std::slice::from_ref(&batch)).unwrap();
+        let (n, columns, dtypes): (usize, Vec<String>, Vec<String>) =
+            client.module("bench_mod").call("frame_summary", (table.clone(),)).collect().await.unwrap();
+        assert_eq!((n, columns), (3, vec!["code".to_owned(), "volume".to_owned()]));
+        assert_eq!(dtypes[1], "int64");
+        // and back: DataFrame -> RecordBatch -> DataFrame -> RecordBatch is lossless
+        let echoed = client.module("bench_mod").call("echo", (table,)).record_batches().await.unwrap();
+        assert_eq!(echoed[0].num_rows(), 3);
+        assert_eq!(echoed[0].column_by_name("volume").unwrap().as_ref(), batch.column(1).as_ref());
+        assert_eq!(echoed[0].column_by_name("code").unwrap().as_ref(), batch.column(0).as_ref());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_calls_in_flight_on_one_websocket_and_small_ones_pass_a_big_reply() {
+    let server = Server::start();
+    let client = server.client(Transport::WebSocket, ADMIN).await;
+    let received = Arc::new(AtomicU64::new(0));
+    let total = Arc::new(AtomicU64::new(0));
+    let (r, t) = (received.clone(), total.clone());
+    let big = client
+        .module("ksrpc.server.demo")
+        .call("create_1d_array", (100,))
+        .on_progress(move |got, all| {
+            r.store(got, Ordering::SeqCst);
+            if let Some(all) = all {
+                t.store(all, Ordering::SeqCst);
+            }
+        })
+        .value();
+    let big = tokio::spawn(big);
+    // Mixed sizes: small sums, 1 MB strings, small frames; all at once.
+    let mut calls = Vec::new();
+    for i in 0..99i64 {
+        let c = client.clone();
+        calls.push(tokio::spawn(async move {
+            let demo = c.module("ksrpc.server.demo");
+            match i % 3 {
+                0 => assert_eq!(demo.call("add", (i, i)).await.unwrap(), Value::Int(2 * i)),
+                1 => {
+                    let s: String =
+                        c.module("builtins").attr("str").call("__mul__", ("x", 1 << 20)).collect().await.unwrap();
+                    assert_eq!(s.len(), 1 << 20);
+                }
+                _ => {
+                    let b = c.module("bench_mod").call("market_frame", (100 + i,)).record_batches().await.unwrap();
+                    assert_eq!(b.iter().map(|b| b.num_rows()).sum::<usize>() as i64, 100 + i);
+                }
+            }
+        }));
+    }
+    for c in calls {
+        c.await.unwrap();
+    }
+    // Now that the big reply is arriving, a small call must overtake it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while received.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the big reply never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let small = client.module("ksrpc.server.demo").call("add", (20, 22)).await.unwrap();
+    let (got, all) = (received.load(Ordering::SeqCst), total.load(Ordering::SeqCst));
+    assert_eq!(small, Value::Int(42));
+    assert!(got < all, "the small call finished only after the whole big reply ({got} of {all} bytes)");
+    let array = big.await.unwrap().unwrap();
+    match array {
+        Value::Table(ipc) => assert!(ipc.len() >= 100 << 20, "{}", ipc.len()),
+        other => panic!("expected a table, got {:.80}", format!("{other:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_dropped_calls_cancel_on_the_server() {
+    let server = Server::start();
+    for transport in [Transport::WebSocket, Transport::Http] {
+        let client = server.client(transport, ADMIN).await;
+        let bench = client.module("bench_mod");
+        let before: u64 = bench.clone().call("cancelled_count", ()).collect().await.unwrap();
+        let started = Instant::now();
+        let err = bench.clone().call("wait_for_cancel", (30.0,)).timeout(Duration::from_millis(300)).await.unwrap_err();
+        assert!(matches!(err, Error::Timeout(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // The server notices and cancels the coroutine.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now: u64 = bench.clone().call("cancelled_count", ()).collect().await.unwrap();
+            if now > before {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{transport:?}: the call was not cancelled on the server");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(bench.call("echo", (7,)).await.unwrap(), Value::Int(7));
+    }
+}
+
+/// Any value (other than chains and markers, which the server resolves, and
+/// tables and pickles, tested on their own) comes back from `echo` as sent.
+#[test]
+fn every_value_type_round_trips_through_the_server() {
+    use proptest::prelude::*;
+
+    fn key() -> impl Strategy<Value = Value> {
+        // Python merges equal keys (1 == 1.0 == True), so keys are of kinds
+        // that never compare equal, and unique.
+        prop_oneof!["[a-z]{0,6}".prop_map(Value::Str), any::<i64>().prop_map(Value::Int)]
+    }
+    fn leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::None),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::Int),
+            (any::<bool>(), "[1-9][0-9]{19,40}").prop_map(|(neg, d)| Value::BigInt(if neg {
+                format!("-{d}")
+            } else {
+                d
+            })),
+            any::<f64>().prop_map(Value::Float),
+            ".{0,12}".prop_map(Value::Str),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(|b| Value::Bytes(ByteBuf::from(b))),
+        ]
+    }
+    let value = leaf().prop_recursive(3, 40, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::List),
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Tuple),
+            proptest::collection::vec((key(), inner), 0..6).prop_map(|pairs| {
+                let mut seen = Vec::new();
+                Value::Dict(
+                    pairs
+                        .into_iter()
+                        .filter(|(k, _)| {
+                            !seen.contains(k) && {
+                                seen.push(k.clone());
+                                true
+                            }
+                        })
+                        .collect(),
+                )
+            }),
+        ]
+    });
+    /// Equality with NaN equal to itself (it round-trips bit for bit).
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Float(x), Value::Float(y)) => x.to_bits() == y.to_bits(),
+            (Value::List(x), Value::List(y)) | (Value::Tuple(x), Value::Tuple(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+            }
+            (Value::Dict(x), Value::Dict(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|((ka, va), (kb, vb))| same(ka, kb) && same(va, vb))
+            }
+            _ => a == b,
+        }
+    }
+
+    let server = Server::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let clients = rt.block_on(async {
+        [server.client(Transport::Http, ADMIN).await, server.client(Transport::WebSocket, ADMIN).await]
+    });
+    let config = proptest::test_runner::Config { cases: 96, failure_persistence: None, ..Default::default() };
+    proptest::test_runner::TestRunner::new(config)
+        .run(&value, |v| {
+            for client in &clients {
+                let got = rt.block_on(client.module("bench_mod").call("echo", (v.clone(),)).value()).unwrap();
+                prop_assert!(same(&got, &v), "{:?}: sent {v:?}, got {got:?}", client.transport());
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn the_blocking_client_works_from_plain_threads() {
+    let server = Server::start();
+    let client = ksrpc_client::blocking::Client::connect(
+        Client::builder(server.url(Transport::WebSocket)).credentials(ADMIN.0, ADMIN.1),
+    )
+    .unwrap();
+    let threads: Vec<_> = (0..4i64)
+        .map(|i| {
+            let c = client.clone();
+            std::thread::spawn(move || c.module("ksrpc.server.demo").call("add", (i, 1)).collect::<i64>().unwrap())
+        })
+        .collect();
+    let sums: Vec<i64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(sums, vec![1, 2, 3, 4]);
+    let items = client.module("bench_mod").call("countdown", (2,)).collect_stream().unwrap();
+    assert_eq!(items, vec![Value::Int(2), Value::Int(1)]);
+}
+
+// ---------------------------------------------------------------------------
+// Raw wire: what a hostile or outdated peer gets.
+// ---------------------------------------------------------------------------
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+}
+
+fn timestamp() -> String {
+    format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64())
+}
+
+/// `varint(version) ++ postcard(message)`, zstd-compressed.
+fn versioned(version: u16, message: &ksrpc_core::native::ClientMessage) -> Vec<u8> {
+    let mut out = postcard::to_allocvec(&version).unwrap();
+    out = postcard::to_extend(message, out).unwrap();
+    zstd::encode_all(&out[..], 3).unwrap()
+}
+
+fn add_call(id: u64) -> ksrpc_core::native::ClientMessage {
+    let chain = ksrpc_core::CallChain::new("ksrpc.server.demo")
+        .then(ksrpc_core::Call::method("add", vec![Value::Int(1), Value::Int(2)]));
+    ksrpc_core::native::ClientMessage::Call { id, chain }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_protocol_version_is_refused_with_a_reason() {
+    let server = Server::start();
+    let http = reqwest_like_post(&format!("{}/v2/call", server.base), versioned(2, &add_call(1))).await;
+    assert_eq!(http.0, 400);
+    let refused: ksrpc_core::native::ServerMessage =
+        ksrpc_core::native::decode_compressed(&http.1, ksrpc_core::Limits::default()).unwrap();
+    assert!(
+        matches!(&refused, ksrpc_core::native::ServerMessage::Refused { reason } if reason.contains("version 2")),
+        "{refused:?}"
+    );
+
+    let (mut ws, _) = ws_connect(&server).await;
+    let frame =
+        ksrpc_core::mux::frame(ksrpc_core::mux::Header { id: 1, fin: true, total: None }, &versioned(9, &add_call(1)));
+    ws.send(tungstenite::Message::Binary(frame)).await.unwrap();
+    let (refused, close) = read_until_close(&mut ws).await;
+    assert!(refused.iter().any(|r| r.contains("version 9")), "{refused:?}");
+    assert_eq!(close, Some(1008));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_close_the_socket_with_a_reason_and_others_go_on() {
+    use ksrpc_core::mux::{frame, Header};
+    let server = Server::start();
+    let witness = server.client(Transport::WebSocket, ADMIN).await;
+    let cases: Vec<(&str, Vec<Vec<u8>>, u16)> = vec![
+        ("reserved flags", vec![vec![0x80, 1, 2, 3]], 1002),
+        ("empty frame", vec![vec![]], 1002),
+        ("truncated varint", vec![vec![1, 0xff]], 1002),
+        ("not zstd", vec![frame(Header { id: 1, fin: true, total: None }, b"garbage!").to_vec()], 1007),
+        (
+            "zstd of garbage",
+            vec![frame(
+                Header { id: 1, fin: true, total: None },
+                &zstd::encode_all(&b"\x01\xff\xff\xff"[..], 1).unwrap(),
+            )
+            .to_vec()],
+            1007,
+        ),
+        ("announced 1 TiB", vec![frame(Header { id: 1, fin: false, total: Some(1 << 40) }, b"x").to_vec()], 1009),
+        (
+            "zstd bomb",
+            vec![frame(
+                Header { id: 1, fin: true, total: None },
+                &zstd::encode_all(&vec![0u8; 600 << 20][..], 1).unwrap(),
+            )
+            .to_vec()],
+            1007,
+        ),
+        (
+            "duplicate id",
+            vec![frame(Header { id: 5, fin: true, total: None }, &versioned(1, &sleep_call(5))).to_vec(); 2],
+            1008,
+        ),
+    ];
+    for (name, frames, code) in cases {
+        let (mut ws, _) = ws_connect(&server).await;
+        for f in frames {
+            ws.send(tungstenite::Message::Binary(f.into())).await.unwrap();
+        }
+        let (refused, close) = read_until_close(&mut ws).await;
+        assert_eq!(close, Some(code), "{name}: {refused:?}");
+        assert!(!refused.is_empty(), "{name}: a Refused message says why");
+        // Everyone else is still served.
+        assert_eq!(witness.module("ksrpc.server.demo").call("add", (1, 2)).await.unwrap(), Value::Int(3), "{name}");
+    }
+    // Text frames are not part of the protocol.
+    let (mut ws, _) = ws_connect(&server).await;
+    ws.send(tungstenite::Message::Text("hello".into())).await.unwrap();
+    assert_eq!(read_until_close(&mut ws).await.1, Some(1003));
+}
+
+fn sleep_call(id: u64) -> ksrpc_core::native::ClientMessage {
+    let chain =
+        ksrpc_core::CallChain::new("bench_mod").then(ksrpc_core::Call::method("sleep", vec![Value::Float(1.0)]));
+    ksrpc_core::native::ClientMessage::Call { id, chain }
+}
+
+type RawWs = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use tokio_tungstenite::tungstenite;
+
+async fn ws_connect(server: &Server) -> (RawWs, ()) {
+    use tungstenite::client::IntoClientRequest;
+    let url = format!("{}/v2/ws", server.base.replacen("http://", "ws://", 1));
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert("Authorization", basic(ADMIN.0, ADMIN.1).parse().unwrap());
+    request.headers_mut().insert("X-Timestamp", timestamp().parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    (ws, ())
+}
+
+/// Reads until the server closes; returns the `Refused` reasons seen and
+/// the close code.
+async fn read_until_close(ws: &mut RawWs) -> (Vec<String>, Option<u16>) {
+    let mut reasons = Vec::new();
+    let mut reassembler = ksrpc_core::mux::Reassembler::new(ksrpc_core::Limits::default());
+    let deadline = Duration::from_secs(30);
+    loop {
+        let msg = tokio::time::timeout(deadline, ws.next()).await.expect("the server closes the socket");
+        match msg {
+            Some(Ok(tungstenite::Message::Binary(b))) => {
+                if let Some(m) = reassembler.push(&b).unwrap().message {
+                    if let Ok(ksrpc_core::native::ServerMessage::Refused { reason }) =
+                        ksrpc_core::native::decode_compressed(&m, ksrpc_core::Limits::default())
+                    {
+                        reasons.push(reason);
+                    }
+                }
+            }
+            Some(Ok(tungstenite::Message::Close(c))) => return (reasons, c.map(|c| u16::from(c.code))),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (reasons, None),
+        }
+    }
+}
+
+/// A bare HTTP/1.1 POST with credentials; returns status and body.
+async fn reqwest_like_post(url: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let head = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {}\r\nX-Timestamp: {}\r\n\
+         Content-Type: application/x-ksrpc-native\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        basic(ADMIN.0, ADMIN.1),
+        timestamp(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = response[split + 4..].to_vec();
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+    (status, body)
+}
