@@ -12,10 +12,16 @@ import asyncio
 import builtins
 import collections.abc
 import concurrent.futures
+import copyreg
+import decimal
+import fractions
+import functools
 import importlib
 import importlib.util
 import inspect
 import io
+import itertools
+import math
 import pickle
 import re
 import secrets
@@ -49,6 +55,17 @@ _BUILTIN_VALUE_TYPES = ("int", "float", "complex", "str", "bytes", "bytearray", 
 _BUILTIN_EXCEPTIONS = tuple(sorted(n for n, v in vars(builtins).items()
                                    if isinstance(v, type) and issubclass(v, BaseException)))
 
+# pandas' date offset classes (a wildcard would also hand out its cached helpers such as
+# to_offset, whose shared results a BUILD could then change for every user).
+_PANDAS_OFFSETS = (
+    "BQuarterBegin", "BQuarterEnd", "BYearBegin", "BYearEnd", "BusinessDay", "BusinessHour",
+    "BusinessMonthBegin", "BusinessMonthEnd", "CustomBusinessDay", "CustomBusinessHour",
+    "CustomBusinessMonthBegin", "CustomBusinessMonthEnd", "DateOffset", "Day", "Easter", "FY5253",
+    "FY5253Quarter", "Hour", "LastWeekOfMonth", "Micro", "Milli", "Minute", "MonthBegin", "MonthEnd",
+    "Nano", "QuarterBegin", "QuarterEnd", "Second", "SemiMonthBegin", "SemiMonthEnd", "Week",
+    "WeekOfMonth", "YearBegin", "YearEnd",
+)
+
 DEFAULT_UNPICKLE_ALLOW = (
     # the client's classes (our stand-ins, or the real package when installed)
     "ksrpc.client:RpcCall", "ksrpc.client:_Self", "ksrpc.client:RpcClient",
@@ -65,7 +82,7 @@ DEFAULT_UNPICKLE_ALLOW = (
     "numpy._core.multiarray:_reconstruct", "numpy._core.multiarray:scalar",
     "numpy.core.multiarray:_reconstruct", "numpy.core.multiarray:scalar",
     "numpy._core.numeric:_frombuffer", "numpy.core.numeric:_frombuffer",
-    "numpy._core._internal:_convert_to_stringdtype_kwargs", "numpy.dtypes:*",
+    "numpy._core._internal:_convert_to_stringdtype_kwargs",
     # pandas 2 (found by unpickling DataFrame, Series, indexes, Categorical, timestamps...)
     "pandas.core.frame:DataFrame", "pandas.core.series:Series",
     "pandas.core.internals.managers:BlockManager", "pandas.core.internals.managers:SingleBlockManager",
@@ -82,7 +99,7 @@ DEFAULT_UNPICKLE_ALLOW = (
     "pandas._libs.tslibs.timestamps:_unpickle_timestamp", "pandas._libs.tslibs.timestamps:Timestamp",
     "pandas._libs.tslibs.timedeltas:_timedelta_unpickle", "pandas._libs.tslibs.timedeltas:Timedelta",
     "pandas._libs.tslibs.nattype:__nat_unpickle", "pandas._libs.tslibs.period:Period",
-    "pandas._libs.tslibs.offsets:*", "pandas._libs.missing:NA",
+    *(f"pandas._libs.tslibs.offsets:{n}" for n in _PANDAS_OFFSETS), "pandas._libs.missing:NA",
     "pytz:_p", "pytz:_UTC",
     # dill's data helpers; each resolves to a checked stand-in (see _Unpickler), never the original
     "dill._dill:_create_array", "dill._dill:_load_type", "dill._dill:_eval_repr",

@@ -17,7 +17,9 @@ use bytes::Bytes;
 use ksrpc_core::codec::{encode_to_vec, ChunkedZlib, Level};
 use serde_json::{json, Value};
 
-use crate::python;
+use ksrpc_client::Transport;
+
+use crate::{python, rust_client};
 use crate::suite::Server;
 use crate::test::{root, Env};
 
@@ -500,6 +502,57 @@ pub fn run(args: &[String]) -> Result<()> {
             ))
         },
     )?;
+
+    // The Rust client on the native protocol, against the original server
+    // with its own Python client (the rows above, same run).
+    let original_of = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix)).map_or(f64::NAN, |r| r.original);
+    let creds = (USER, PASSWORD);
+    let mut rust_rows = Vec::new();
+    for (transport, name) in [(Transport::Http, "http"), (Transport::WebSocket, "ws")] {
+        eprintln!("==> (g) Rust client, {name}");
+        let (a, av) = rust_client::download(
+            &ours_server.url,
+            transport,
+            creds,
+            ("ksrpc.server.demo", "create_1d_array", mb as i64),
+            (mb << 17) as usize,
+            plan.repeat,
+        )?;
+        let (b, bv) = rust_client::download(
+            &ours_server.url,
+            transport,
+            creds,
+            ("bench_mod", "market_frame", rows_n as i64),
+            rows_n as usize,
+            plan.repeat,
+        )?;
+        raw.insert(format!("(g) Rust client {name}"), json!({"array": av, "frame": bv}));
+        rust_rows.push(Row {
+            name: format!("(g) Rust client, v2 {name}: download {mb} MB array (vs (a) original)"),
+            unit: "s",
+            original: original_of(&format!("(a) download {mb} MB float64 array, {name}")),
+            ours: a,
+            higher_better: false,
+        });
+        rust_rows.push(Row {
+            name: format!("(g) Rust client, v2 {name}: {rows_n}-row DataFrame as Arrow (vs (b) original)"),
+            unit: "s",
+            original: original_of(&format!("(b) download {rows_n}-row market DataFrame, {name}")),
+            ours: b,
+            higher_better: false,
+        });
+    }
+    eprintln!("==> (g) Rust client, 64 calls in flight on one WebSocket");
+    let (rps, v) = rust_client::small_calls_ws(&ours_server.url, creds, 64, plan.seconds)?;
+    raw.insert("(g) Rust client 64 in flight".into(), v);
+    rust_rows.push(Row {
+        name: "(g) Rust client: add(i, 1) at 64 in flight on one WebSocket (vs (d) original, 64 connections)".into(),
+        unit: "req/s",
+        original: original_of("(d) add(1, 2) at 64 connections (Rust"),
+        ours: rps,
+        higher_better: true,
+    });
+    rows.extend(rust_rows);
 
     rows.push(Row {
         name: "(e) add(1, 2) issued during a 2 s blocking call".into(),

@@ -7,6 +7,7 @@
 
 mod bench;
 mod python;
+mod rust_client;
 mod suite;
 mod test;
 
