@@ -38,14 +38,9 @@ pub struct ParseError {
 }
 
 /// Parses a call expression such as `ksrpc.server.demo.add(1, 2)` into a
-/// call chain (whose `handle` is always `None`).
-///
-/// ```
-/// # use ksrpc_client::expr::parse;
-/// let chain = parse("math.pi").unwrap();
-/// assert_eq!(chain.module, "math");
-/// assert_eq!(chain.calls[0].name, "pi");
-/// ```
+/// call chain (whose `handle` is always `None`): `math.pi` is the module
+/// `math` and the attribute `pi`; a bare module name such as `math` is an
+/// error, as there is nothing to call.
 pub fn parse(input: &str) -> Result<CallChain<Value>, ParseError> {
     let mut parser = Parser { src: input, pos: 0, depth: 0 };
     parser.skip_ws();
@@ -158,9 +153,8 @@ impl Parser<'_> {
 
     fn ident(&mut self) -> Option<String> {
         let start = self.pos;
-        match self.peek() {
-            Some(c) if is_ident_start(c) => {}
-            _ => return None,
+        if !is_ident_start(self.peek()?) {
+            return None;
         }
         while let Some(c) = self.peek() {
             if !is_ident_continue(c) {
@@ -193,26 +187,25 @@ impl Parser<'_> {
                 None => return Err(self.error("expected a name after '.'")),
             }
         }
-        let (module, first_call) = match names.split_last() {
-            Some((last, path)) if !path.is_empty() => (path.join("."), last.clone()),
-            _ => {
-                let name = &names[0];
-                return Err(err(
-                    start,
-                    if top {
-                        format!(
-                            "nothing to call: `{name}` is only a module name; \
+        if names.len() < 2 {
+            let name = &names[0];
+            return Err(err(
+                start,
+                if top {
+                    format!(
+                        "nothing to call: `{name}` is only a module name; \
                              add an attribute or a call, e.g. `{name}.function()`"
-                        )
-                    } else {
-                        format!(
-                            "`{name}` is not a value: quote strings ('{name}'), write True, False, None \
+                    )
+                } else {
+                    format!(
+                        "`{name}` is not a value: quote strings ('{name}'), write True, False, None \
                              or Self, or give a dotted path like `module.attr`"
-                        )
-                    },
-                ));
-            }
-        };
+                    )
+                },
+            ));
+        }
+        let first_call = names.pop().unwrap_or_default();
+        let module = names.join(".");
 
         let mut calls = Vec::new();
         // The last name seen, not yet known to be an attribute or a call.
@@ -334,7 +327,10 @@ impl Parser<'_> {
     }
 
     fn slice_error(&self) -> ParseError {
-        self.error("slices like `x[1:2]` are not supported; pass a slice object instead, e.g. `x[builtins.slice(1, 2)]`")
+        self.error(
+            "slices like `x[1:2]` are not supported; \
+             pass a slice object instead, e.g. `x[builtins.slice(1, 2)]`",
+        )
     }
 
     /// A subscript's key, after its `[` (at `open`); `x[1, 2]` has the
@@ -584,10 +580,10 @@ impl Parser<'_> {
         if negative {
             text.push('-');
         }
-        text.push_str(if int_part.is_empty() { "0" } else { &int_part });
+        text.push_str(if int_part.is_empty() { "0" } else { int_part.as_str() });
         if let Some(frac) = &frac {
             text.push('.');
-            text.push_str(if frac.is_empty() { "0" } else { frac });
+            text.push_str(if frac.is_empty() { "0" } else { frac.as_str() });
         }
         if let Some(exp) = &exp {
             text.push('e');
@@ -734,13 +730,15 @@ mod tests {
 
     /// The single positional argument of `m.f(<arg>)`.
     fn arg(text: &str) -> Value {
-        let parsed = parse(&format!("m.f({text})")).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let mut parsed = parse(&format!("m.f({text})")).unwrap_or_else(|e| panic!("{text}: {e}"));
         assert_eq!(parsed.module, "m");
         assert_eq!(parsed.calls.len(), 1, "{text}");
-        let args = parsed.calls[0].args.clone().unwrap_or_else(|| panic!("{text}: not a call"));
+        let step = parsed.calls.pop().unwrap();
+        assert_eq!(step.name, "f");
+        let mut args = step.args.unwrap_or_else(|| panic!("{text}: not a call"));
         assert!(args.keyword.is_empty(), "{text}");
         assert_eq!(args.positional.len(), 1, "{text}");
-        args.positional[0].clone()
+        args.positional.pop().unwrap()
     }
 
     fn fail(input: &str) -> ParseError {
@@ -791,10 +789,7 @@ mod tests {
     #[test]
     fn subscripts() {
         assert_eq!(parse("m.x[0]").unwrap(), chain("m", vec![Call::attr("x"), call("__getitem__", vec![int(0)])]));
-        assert_eq!(
-            parse("m.f()[1]").unwrap(),
-            chain("m", vec![call("f", vec![]), call("__getitem__", vec![int(1)])])
-        );
+        assert_eq!(parse("m.f()[1]").unwrap(), chain("m", vec![call("f", vec![]), call("__getitem__", vec![int(1)])]));
         assert_eq!(
             parse("m.x['k'].y").unwrap(),
             chain("m", vec![Call::attr("x"), call("__getitem__", vec![s("k")]), Call::attr("y")])
@@ -909,7 +904,7 @@ mod tests {
         assert_eq!(arg("\"abc\""), s("abc"));
         assert_eq!(arg("''"), s(""));
         assert_eq!(arg("'say \"hi\"'"), s("say \"hi\""));
-        assert_eq!(arg(r"'a\nb\tc\rd\\e\'f\"g'"), s("a\nb\tc\rd\\e'f\"g"));
+        assert_eq!(arg(r#"'a\nb\tc\rd\\e\'f\"g'"#), s("a\nb\tc\rd\\e'f\"g"));
         assert_eq!(arg(r#""it\'s \"x\"""#), s("it's \"x\""));
         assert_eq!(arg(r"'\x41\xe9'"), s("A\u{e9}"));
         assert_eq!(arg(r"'\u{1F600}'"), s("\u{1F600}"));
@@ -947,7 +942,7 @@ mod tests {
         assert_eq!(arg(r#"b"ab\x00\xff""#), Value::Bytes(ByteBuf::from(vec![b'a', b'b', 0, 255])));
         assert_eq!(arg(r"b'\n\\'"), Value::Bytes(ByteBuf::from(vec![b'\n', b'\\'])));
         assert_eq!(arg("B\"x\""), Value::Bytes(ByteBuf::from(vec![b'x'])));
-        assert_eq!(arg("b''"), Value::Bytes(ByteBuf::from(Vec::new())));
+        assert_eq!(arg("b''"), Value::Bytes(ByteBuf::new()));
         arg_fails_with("b'é'", "non-ASCII");
         arg_fails_with(r"b'\u0041'", "not allowed in bytes");
     }
@@ -1033,7 +1028,8 @@ mod tests {
         let e = fails_with("m.f(a=1, 2)", "positional argument follows keyword argument");
         assert_eq!(e.offset, 9);
         fails_with("m.f(a=1, a=2)", "repeated");
-        fails_with("m.f(x == 1)", "expected ','");
+        fails_with("m.f(1 == 1)", "expected ','");
+        fails_with("m.f(x == 1)", "`x` is not a value");
     }
 
     #[test]

@@ -22,6 +22,8 @@
 //!   on the server.
 //! - [`blocking::Client`]: the same without async.
 //! - [`from_value`]: `serde` deserialization straight from a [`Value`].
+//! - [`expr`]: parses `ksrpc.server.demo.add(1, 2)` into a chain (the CLI's
+//!   input); [`netrc`]: credentials from a netrc file.
 //!
 //! Protocol: `docs/protocol.md` in the repository.
 
@@ -31,6 +33,8 @@ mod error;
 mod table;
 
 pub mod blocking;
+pub mod expr;
+pub mod netrc;
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -310,7 +314,7 @@ impl Chain {
     pub async fn stream(self) -> Result<ValueStream, Error> {
         let timeout = self.timeout_or_default();
         let conn = self.client.clone();
-        match self.client.inner.conn.run(self.chain, None, timeout).await? {
+        match self.client.inner.conn.run(self.chain, self.progress, timeout).await? {
             conn::Reply::Value(v) => Ok(ValueStream::once(v)),
             conn::Reply::Exhausted => Ok(ValueStream::empty()),
             conn::Reply::Handle(h) => Ok(ValueStream::generator(conn, h, timeout)),

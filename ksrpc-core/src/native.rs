@@ -346,10 +346,57 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     postcard::to_extend(message, out).expect("serializing into a Vec cannot fail")
 }
 
-/// [`encode`] then zstd: the bytes a transport sends.
+/// Messages up to this size are (de)compressed in one call with a context
+/// kept per thread: creating a zstd context costs more than compressing a
+/// small call.
+const BULK_MAX: usize = 1 << 20;
+/// Messages from this size are compressed at level 1 by zstd's own worker
+/// threads: big arrays and tables, where speed matters more than the last
+/// few percent of size.
+const MULTITHREAD_FROM: usize = 4 << 20;
+
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// [`encode`] then zstd: the bytes a transport sends (one zstd frame with
+/// its content size).
 pub fn encode_compressed<T: Serialize>(message: &T) -> Vec<u8> {
-    crate::codec::encode_to_vec(&crate::codec::Zstd::default(), encode(message).into())
+    let raw = encode(message);
+    if raw.len() <= BULK_MAX {
+        let bulk = COMPRESSOR.with(|c| {
+            let mut c = c.borrow_mut();
+            let compressor = match c.as_mut() {
+                Some(compressor) => compressor,
+                None => c.insert(zstd::bulk::Compressor::new(crate::codec::Zstd::default().level).ok()?),
+            };
+            compressor.compress(&raw).ok()
+        });
+        if let Some(wire) = bulk {
+            return wire;
+        }
+    }
+    if raw.len() >= MULTITHREAD_FROM {
+        if let Some(wire) = compress_parallel(&raw) {
+            return wire;
+        }
+    }
+    crate::codec::encode_to_vec(&crate::codec::Zstd::default(), raw.into())
         .expect("zstd compression into memory cannot fail")
+}
+
+fn compress_parallel(raw: &[u8]) -> Option<Vec<u8>> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) as u32;
+    let mut out = Vec::with_capacity(raw.len() / 2 + 1024);
+    let mut encoder = zstd::stream::write::Encoder::new(&mut out, 1).ok()?;
+    encoder.multithread(workers).ok()?;
+    encoder.set_pledged_src_size(Some(raw.len() as u64)).ok()?;
+    std::io::Write::write_all(&mut encoder, raw).ok()?;
+    encoder.finish().ok()?;
+    Some(out)
 }
 
 /// Undoes [`encode_compressed`] under `limits`, then [`decode`]s.
@@ -357,6 +404,29 @@ pub fn decode_compressed<T: serde::de::DeserializeOwned>(
     wire: &[u8],
     limits: crate::codec::Limits,
 ) -> Result<T, NativeError> {
+    if wire.len() as u64 > limits.max_encoded {
+        return Err(NativeError::Malformed(format!("message exceeds the limit of {} bytes", limits.max_encoded)));
+    }
+    // Small single frames with a declared size decode in one call; anything
+    // else (no size, several frames, over the limits) takes the streaming
+    // decoder, which enforces the limits as it goes and names the failure.
+    if wire.len() <= BULK_MAX {
+        if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(wire) {
+            if size <= limits.max_decoded && size <= 4 * BULK_MAX as u64 {
+                let bulk = DECOMPRESSOR.with(|d| {
+                    let mut d = d.borrow_mut();
+                    let decompressor = match d.as_mut() {
+                        Some(decompressor) => decompressor,
+                        None => d.insert(zstd::bulk::Decompressor::new().ok()?),
+                    };
+                    decompressor.decompress(wire, size as usize).ok()
+                });
+                if let Some(bytes) = bulk.filter(|b| b.len() as u64 == size) {
+                    return decode(&bytes);
+                }
+            }
+        }
+    }
     let bytes = crate::codec::decode_all(&crate::codec::Zstd::default(), wire, limits)
         .map_err(|e| NativeError::Malformed(e.to_string()))?;
     decode(&bytes)

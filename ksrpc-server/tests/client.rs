@@ -571,3 +571,113 @@ async fn reqwest_like_post(url: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
     assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
     (status, body)
 }
+
+// ---------------------------------------------------------------------------
+// The `ksrpc` command line (built next to the server by `cargo xtask test`).
+// ---------------------------------------------------------------------------
+
+fn ksrpc_bin() -> std::path::PathBuf {
+    let bin = std::path::Path::new(BIN).with_file_name("ksrpc");
+    assert!(bin.exists(), "{} is missing: `cargo build -p ksrpc-client` (cargo xtask test does)", bin.display());
+    bin
+}
+
+/// Runs `ksrpc call URL EXPR extra...` with a clean credential environment.
+fn ksrpc_call(url: &str, expr: &str, extra: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(ksrpc_bin());
+    cmd.args(["call", url, expr]).args(extra).arg("--quiet").stdin(Stdio::null());
+    for var in ["KSRPC_USER", "KSRPC_PASSWORD", "KSRPC_NETRC", "NETRC"] {
+        cmd.env_remove(var);
+    }
+    cmd.env("HOME", "/nonexistent");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn the_ksrpc_command_line_calls_prints_writes_files_and_fails_clearly() {
+    let server = Server::start();
+    let creds = [("KSRPC_USER", ADMIN.0), ("KSRPC_PASSWORD", ADMIN.1)];
+    for transport in BOTH {
+        let url = server.url(transport);
+        let (code, out, err) = ksrpc_call(&url, "ksrpc.server.demo.add(1, 2)", &[], &creds);
+        assert_eq!((code, out.trim()), (0, "3"), "{transport:?}: {err}");
+        let (code, out, _) = ksrpc_call(&url, "bench_mod.echo({'a': (1, 2.5, None), 'b': b'hi'})", &[], &creds);
+        assert_eq!(code, 0);
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(json, serde_json::json!({"a": [1, 2.5, null], "b": {"base64": "aGk="}}));
+        // A generator prints one JSON document per item.
+        let (code, out, _) = ksrpc_call(&url, "bench_mod.countdown(3)", &[], &creds);
+        assert_eq!((code, out.split_whitespace().collect::<Vec<_>>()), (0, vec!["3", "2", "1"]));
+        // A Python exception: exit 1, the server's error on stderr, nothing on stdout.
+        let (code, out, err) = ksrpc_call(&url, "ksrpc.server.demo.div(1, 0)", &[], &creds);
+        assert_eq!(code, 1, "{err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(err.starts_with("ZeroDivisionError: "), "{err}");
+        assert!(err.contains("server traceback"), "{err}");
+        // Wrong password, and a forbidden module for the limited user.
+        let (code, _, err) =
+            ksrpc_call(&url, "ksrpc.server.demo.add(1, 2)", &["--user", "admin", "--password", "nope"], &[]);
+        assert_eq!(code, 2);
+        assert!(err.contains("wrong user or password"), "{err}");
+        assert!(!err.contains("nope"), "the password is never echoed: {err}");
+        let limited = [("KSRPC_USER", LIMITED.0), ("KSRPC_PASSWORD", LIMITED.1)];
+        let (code, _, err) = ksrpc_call(&url, "os.getcwd()", &[], &limited);
+        assert_eq!(code, 1);
+        assert!(err.starts_with("PermissionError"), "{err}");
+    }
+    let url = server.url(Transport::Http);
+    // Credentials from a netrc file; none at all is a clear error, not a prompt.
+    let dir = tempfile::tempdir().unwrap();
+    let netrc = dir.path().join("netrc");
+    std::fs::write(&netrc, format!("machine 127.0.0.1\n  login {}\n  password {}\n", ADMIN.0, ADMIN.1)).unwrap();
+    let netrc_env = [("KSRPC_NETRC", netrc.to_str().unwrap())];
+    let (code, out, err) = ksrpc_call(&url, "ksrpc.server.demo.add(2, 2)", &[], &netrc_env);
+    assert_eq!((code, out.trim()), (0, "4"), "{err}");
+    let (code, _, err) = ksrpc_call(&url, "ksrpc.server.demo.add(2, 2)", &["--user", "admin"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no password for admin"), "{err}");
+    let (code, _, err) = ksrpc_call(&url, "ksrpc.server.demo.add(1,", &[], &creds);
+    assert_eq!(code, 2);
+    assert!(err.contains("parsing"), "{err}");
+
+    // Tables: printed as a table, or written as Arrow, CSV and Parquet files
+    // that pyarrow reads back.
+    let (code, out, err) = ksrpc_call(&url, "bench_mod.market_frame(120)", &["--max-rows", "5"], &creds);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("| close") || out.contains("close |"), "{out}");
+    assert!(out.contains("120 rows in all"), "{out}");
+    let python = std::path::Path::new(&std::env::var("KSRPC_TEST_VENV").unwrap()).join("bin/python");
+    for (ext, reader) in [
+        ("parquet", "import pyarrow.parquet as m; t = m.read_table(p)"),
+        ("arrow", "import pyarrow.ipc as m; t = m.open_file(p).read_all()"),
+        ("csv", "import pyarrow.csv as m; t = m.read_csv(p)"),
+    ] {
+        let file = dir.path().join(format!("frame.{ext}"));
+        let (code, out, err) =
+            ksrpc_call(&url, "bench_mod.market_frame(120)", &["--out", file.to_str().unwrap()], &creds);
+        assert_eq!(code, 0, "{ext}: {err}");
+        assert!(out.is_empty());
+        let check = Command::new(&python)
+            .args([
+                "-c",
+                &format!("import sys; p = sys.argv[1]; {reader}; print(t.num_rows, 'close' in t.column_names)"),
+            ])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&check.stdout).trim(),
+            "120 True",
+            "{ext}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    let (code, _, err) = ksrpc_call(&url, "ksrpc.server.demo.add(1, 2)", &["--out", "x.parquet"], &creds);
+    assert_eq!(code, 2);
+    assert!(err.contains("needs a table"), "{err}");
+}

@@ -19,9 +19,9 @@ use serde_json::{json, Value};
 
 use ksrpc_client::Transport;
 
-use crate::{python, rust_client};
 use crate::suite::Server;
 use crate::test::{root, Env};
+use crate::{python, rust_client};
 
 const USER: &str = "admin";
 const PASSWORD: &str = "bench-password";

@@ -51,7 +51,12 @@ pub fn download(
 
 /// `add(i, 1)` with `in_flight` calls outstanding on one WebSocket for
 /// `seconds`; returns req/s and latency percentiles.
-pub fn small_calls_ws(url: &str, (user, password): (&str, &str), in_flight: usize, seconds: u64) -> Result<(f64, Value)> {
+pub fn small_calls_ws(
+    url: &str,
+    (user, password): (&str, &str),
+    in_flight: usize,
+    seconds: u64,
+) -> Result<(f64, Value)> {
     runtime()?.block_on(async {
         let client = connect(url, Transport::WebSocket, user, password).await?;
         let stop = Instant::now() + Duration::from_secs(seconds);

@@ -148,6 +148,9 @@ fn check(cmd: &mut Command) -> Result<()> {
 
 /// Runs nextest, echoing its output, and reads the counts off its summary.
 fn nextest(env: &Env) -> Result<(u64, u64, u64)> {
+    // The `ksrpc` CLI tests (in ksrpc-server) run the binary built next to
+    // the server's; nextest does not build other packages' binaries.
+    check(env.cargo().args(["build", "-p", "ksrpc-client", "--bin", "ksrpc"]))?;
     let mut child = env
         .cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast", "--color", "never"])
