@@ -350,9 +350,12 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
 /// kept per thread: creating a zstd context costs more than compressing a
 /// small call.
 const BULK_MAX: usize = 1 << 20;
-/// Messages from this size are compressed at level 1 by zstd's own worker
-/// threads: big arrays and tables, where speed matters more than the last
-/// few percent of size.
+/// Largest declared expansion decoded in one call; beyond it the streaming
+/// decoder (which stops at the limit as bytes come out) is used.
+const BULK_MAX_RATIO: u64 = 64;
+/// Messages from this size are compressed by zstd's own worker threads at a
+/// fast level: big arrays and tables, where speed matters more than the last
+/// few percent of size (see `compress_parallel`).
 const MULTITHREAD_FROM: usize = 4 << 20;
 
 thread_local! {
@@ -388,10 +391,17 @@ pub fn encode_compressed<T: Serialize>(message: &T) -> Vec<u8> {
         .expect("zstd compression into memory cannot fail")
 }
 
+/// Big messages: level 1 on zstd's worker threads, or level -1 (literals
+/// left uncompressed, decoding at memcpy-like speed) when a 1 MiB sample
+/// from the middle shrinks by less than 10% (random floats, packed data).
 fn compress_parallel(raw: &[u8]) -> Option<Vec<u8>> {
+    let mid = raw.len() / 2;
+    let sample = &raw[mid.saturating_sub(512 << 10)..(mid + (512 << 10)).min(raw.len())];
+    let sampled = zstd::bulk::compress(sample, 1).ok()?.len();
+    let level = if sampled * 10 > sample.len() * 9 { -1 } else { 1 };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) as u32;
     let mut out = Vec::with_capacity(raw.len() / 2 + 1024);
-    let mut encoder = zstd::stream::write::Encoder::new(&mut out, 1).ok()?;
+    let mut encoder = zstd::stream::write::Encoder::new(&mut out, level).ok()?;
     encoder.multithread(workers).ok()?;
     encoder.set_pledged_src_size(Some(raw.len() as u64)).ok()?;
     std::io::Write::write_all(&mut encoder, raw).ok()?;
@@ -407,12 +417,15 @@ pub fn decode_compressed<T: serde::de::DeserializeOwned>(
     if wire.len() as u64 > limits.max_encoded {
         return Err(NativeError::Malformed(format!("message exceeds the limit of {} bytes", limits.max_encoded)));
     }
-    // Small single frames with a declared size decode in one call; anything
-    // else (no size, several frames, over the limits) takes the streaming
-    // decoder, which enforces the limits as it goes and names the failure.
-    if wire.len() <= BULK_MAX {
+    // Anything not decoded in one call (no declared size, several frames,
+    // over the limits, corrupt) takes the streaming decoder, which enforces
+    // the limits as it goes and names the failure.
+    // One frame with a declared size decodes in one call into a buffer of
+    // exactly that size, when the size is within the limit and plausible
+    // for the input (a bomb's declared size is refused before allocating).
+    {
         if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(wire) {
-            if size <= limits.max_decoded && size <= 4 * BULK_MAX as u64 {
+            if size <= limits.max_decoded && size <= (wire.len() as u64).saturating_mul(BULK_MAX_RATIO) {
                 let bulk = DECOMPRESSOR.with(|d| {
                     let mut d = d.borrow_mut();
                     let decompressor = match d.as_mut() {

@@ -258,3 +258,24 @@ fn text(bytes: &[u8]) -> Tag {
         _ => Tag::Fresh,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::mutations_stay_local;
+
+    /// A call's result may be an object other users share (`pytz._UTC()` is the
+    /// `pytz.utc` singleton, `numpy.dtype("f8")` numpy's float64 descriptor): a
+    /// BUILD, SETITEM or APPEND on it takes the careful path, whose unpickler
+    /// refuses to modify a call result anything else holds.
+    #[test]
+    fn mutating_a_call_result_is_careful() {
+        // pytz._UTC() ; {"zone": "Mars"} ; BUILD
+        assert!(!mutations_stay_local(b"\x80\x04\x8c\x04pytz\x8c\x04_UTC\x93)R}\x8c\x04zone\x8c\x04Marssb."));
+        // collections.OrderedDict() ; SETITEM 1: 2
+        assert!(!mutations_stay_local(b"\x80\x04\x8c\x0bcollections\x8c\x0bOrderedDict\x93)RK\x01K\x02s."));
+        // NEWOBJ of a class that is not a client stand-in ; BUILD
+        assert!(!mutations_stay_local(b"\x80\x04\x8c\x05numpy\x8c\x05dtype\x93)\x81}b."));
+        // the same BUILD on a stand-in instance stays fast
+        assert!(mutations_stay_local(b"\x80\x04\x8c\x0cksrpc.client\x8c\x07RpcCall\x93)\x81}b."));
+    }
+}

@@ -136,7 +136,7 @@ def _is_dunder(name):
 
 
 class _Refused(PermissionError):
-    """The request pickle names something this user may not load."""
+    """The request pickle names or builds something this user may not load."""
 
 
 class _NeedsDill(ImportError):
@@ -173,13 +173,361 @@ def _module_of(obj):
     return mod if isinstance(mod, str) else type(obj).__module__
 
 
+# ---------------------------------------------------------------------------
+# What a request pickle may build
+# ---------------------------------------------------------------------------
+#
+# Naming only allowed globals is not enough: calling them can build far more than the request
+# holds, objects other users share, or numpy/pandas objects whose C code trusts the pickled state.
+#
+# Size: a pickle spells its data out, except where a call makes more than its arguments hold:
+# bytes(10**9), list(range(10**9)), numpy's _reconstruct with a big shape, Fraction("1e300000000"),
+# or one memoized list copied by a thousand tuple() calls. The careful unpickler charges every
+# call's result and every BUILD target to a budget of _BUILD_BUDGET bytes plus _BUILD_PER_BYTE per
+# request byte, after the call by the object's size and before it where the size comes from an
+# argument (a count, a shape, a lazy sequence), so that memory is never taken. Real pickles build
+# a few times their own size at most (arrays 1x, a protocol 2 set of small ints ~10x): the budget
+# only stops amplification. The C unpickler cannot charge anything, so it hands every global whose
+# calls need these checks back to the careful one (`_FastUnpickler.find_class`).
+_BUILD_BUDGET = 64 << 20
+_BUILD_PER_BYTE = 16
+# What one item of a lazy sequence (a range, a pandas RangeIndex, a str turned into a list) costs
+# once a call makes it a Python object: a pointer and a small object.
+_ITEM_BYTES = 64
+# Fraction and Decimal pickle as str, and str(int) stops at CPython's default int_max_str_digits,
+# so real pickles never hold longer numbers; beyond that, Fraction's 10**exponent and Decimal(int)
+# take quadratic time while holding the GIL.
+_MAX_DIGITS = 4300
+_MAX_BITS = _MAX_DIGITS * 10 // 3 + 1
+
+# numpy and pandas: their C and Cython code indexes memory with numbers from the pickled state
+# (a dtype's fields and flags, Categorical codes, block placements), so objects of these libraries
+# are only built the way their own pickles build them, and checked (`_check_made`).
+_LIBRARIES = frozenset({"numpy", "pandas"})
+# The classes a real pickle calls with arguments (any date offset: "module", "*"); the others
+# come out of NEWOBJ without arguments (DataFrame, Series, pandas dtypes) and get their state by
+# BUILD. Constructors such as Series(0, index=RangeIndex(10**9)) would broadcast without bound.
+_LIB_CLASS_CALLS = frozenset({
+    ("numpy", "dtype"), ("pandas._libs.tslibs.period", "Period"), ("pandas.core.dtypes.dtypes", "PeriodDtype"),
+    ("pandas.core.arrays.string_", "StringDtype"), ("pandas.core.internals.managers", "BlockManager"),
+    ("pandas._libs.tslibs.offsets", "*"),
+})
+_NPY_ALIGNED_STRUCT = 0x80  # numpy's dtype flag for align=True structures
+
+
+def _root(module):
+    return module.partition(".")[0] if isinstance(module, str) else ""
+
+
+def _lib_type(cls):
+    """A numpy/pandas class, or a class built on one (a user module's DataFrame subclass)."""
+    return any(_root(getattr(c, "__module__", None)) in _LIBRARIES for c in cls.__mro__)
+
+
+def _in_libraries(obj):
+    return _lib_type(type(obj))
+
+
+# Sharing: a call may return an object others hold too (pytz._UTC() is pytz.utc, numpy.dtype("f8")
+# numpy's float64 descriptor, a cached pandas offset), and BUILD, SETITEM or APPEND on it would
+# change it for every user. A call result nothing but the call's return refers to is new; the
+# careful unpickler refuses to modify any other (`_Unpickler._construct`).
+def _refs(obj):
+    return sys.getrefcount(obj)
+
+
+def _calibrate_refs():
+    obj = object()
+    return _refs(obj)
+
+
+# What `_refs(x)` says for an object held by one local variable only (the interpreter's own
+# temporaries differ between versions, so it is measured, with the call shape every use repeats).
+_SOLE_REFS = _calibrate_refs()
+
+
+def _length(value, what):
+    try:
+        return len(value)
+    except (TypeError, OverflowError):  # an object without len, or len(range(10**20))
+        raise _Refused(f"{what}: an argument of unknown or huge length") from None
+
+
+# Containers whose items already exist: a copy of one is charged after the call, by its size.
+_HOLDS_ITEMS = (list, tuple, dict, set, frozenset, bytes, bytearray, collections.deque)
+
+
+def _items_cost(value, what):
+    """What a container built from `value` may take before the call returns."""
+    if value is None or isinstance(value, _HOLDS_ITEMS):
+        return 0
+    return _length(value, what) * _ITEM_BYTES
+
+
+def _bytes_cost(args, kwargs, what):  # bytes(n) and bytearray(n) are n zero bytes
+    source = args[0] if args else kwargs.get("source")
+    if isinstance(source, int):
+        return max(source, 0)
+    if isinstance(source, str):  # encoded, at most 4 bytes a character, measured after the call
+        return 0
+    return _items_cost(source, what)
+
+
+def _first_items_cost(args, kwargs, what):  # list(x), tuple(x), set(x), dict(x), deque(x)...
+    return _items_cost(args[0] if args else None, what)
+
+
+def _defaultdict_cost(args, kwargs, what):  # defaultdict(factory, x)
+    return _items_cost(args[1] if len(args) > 1 else None, what)
+
+
+def _group_cost(args, kwargs, what):  # ExceptionGroup(message, exceptions) copies the list
+    return 8 * _length(args[1], what) if len(args) > 1 else 0
+
+
+def _check_digits(value, what):
+    """Refuse a number Fraction or Decimal would spend quadratic time on (see _MAX_DIGITS)."""
+    if isinstance(value, int) and value.bit_length() > _MAX_BITS:
+        raise _Refused(f"{what}: an integer of more than {_MAX_DIGITS} digits")
+    if isinstance(value, str):  # "123/456" or "1.5e-7"; the exponent is the costly part
+        exponent = re.search(r"[eE]\s*[-+]?([\d_]+)", value)
+        digits = exponent.group(1).replace("_", "").lstrip("0") if exponent else ""
+        if len(value) > 2 * _MAX_DIGITS + 64 or len(digits) > 6 or (digits and int(digits) > _MAX_DIGITS):
+            raise _Refused(f"{what}: a number of more than {_MAX_DIGITS} digits")
+    if isinstance(value, decimal.Decimal) and value.is_finite() and (
+            abs(value.adjusted()) > _MAX_DIGITS or len(value.as_tuple().digits) > _MAX_DIGITS):
+        raise _Refused(f"{what}: a decimal of more than {_MAX_DIGITS} digits")
+
+
+def _fraction_cost(args, kwargs, what):
+    for value in itertools.chain(args, kwargs.values()):
+        _check_digits(value, what)
+    return 0
+
+
+def _decimal_cost(args, kwargs, what):
+    value = args[0] if args else kwargs.get("value")
+    if isinstance(value, int):  # Decimal(str) is linear, Decimal(int) quadratic
+        _check_digits(value, what)
+    return 0
+
+
+_TYPE_COSTS = {
+    bytes: _bytes_cost, bytearray: _bytes_cost, list: _first_items_cost, tuple: _first_items_cost,
+    set: _first_items_cost, frozenset: _first_items_cost, dict: _first_items_cost,
+    collections.deque: _first_items_cost, collections.defaultdict: _defaultdict_cost,
+    fractions.Fraction: _fraction_cost, decimal.Decimal: _decimal_cost,
+}
+if _ExceptionGroup:
+    _TYPE_COSTS[_ExceptionGroup] = _group_cost
+
+
+def _array_cost(shape, dtype, what):
+    np = sys.modules["numpy"]
+    dims = (shape,) if isinstance(shape, int) else shape
+    if not (isinstance(dims, tuple) and len(dims) <= 64 and all(isinstance(d, int) for d in dims)):
+        raise _Refused(f"{what}: a numpy shape must be a tuple of ints")
+    return math.prod(max(d, 0) for d in dims) * np.dtype(dtype).itemsize
+
+
+def _reconstruct_cost(args, kwargs, what):  # _reconstruct(ndarray, shape, dtype) allocates the shape
+    return _array_cost(args[1], args[2], what) if len(args) == 3 else 0
+
+
+def _scalar_cost(args, kwargs, what):  # scalar(dtype) without bytes allocates one zeroed item
+    np = sys.modules["numpy"]
+    return args[0].itemsize if args and isinstance(args[0], np.dtype) else 0
+
+
+def _index_cost(args, kwargs, what):
+    # _new_Index(cls, d) runs cls.__new__(cls, **d): cls must be an index (bytes(source=10**9)...)
+    from pandas import Index
+    if len(args) != 2 or not (isinstance(args[0], type) and issubclass(args[0], Index)) or type(args[1]) is not dict:
+        raise _Refused(f"{what}: needs a pandas Index class and a dict")
+    return 0
+
+
+def _no_cost(args, kwargs, what):
+    return 0
+
+
+def _encode_cost(args, kwargs, what):
+    # Protocol 2 pickles bytes as _codecs.encode(text, "latin1"); other codecs are not data
+    # (punycode takes quadratic time).
+    import codecs
+    encoding = args[1] if len(args) > 1 else kwargs.get("encoding", "utf-8")
+    if not isinstance(encoding, str) or codecs.lookup(encoding).name != "iso8859-1":
+        raise _Refused(f"{what}: only the latin-1 codec is accepted")
+    return 0
+
+
+# Functions a pickle may call whose arguments need a look first, keyed by (__module__, __qualname__).
+# Every numpy or pandas function not listed here is refused: these are their pickle helpers.
+_FUNCTION_COSTS = {
+    ("_codecs", "encode"): _encode_cost,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_cost,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_cost,
+    ("numpy._core.multiarray", "scalar"): _scalar_cost, ("numpy.core.multiarray", "scalar"): _scalar_cost,
+    ("numpy._core.numeric", "_frombuffer"): _no_cost, ("numpy.core.numeric", "_frombuffer"): _no_cost,
+    ("numpy._core._internal", "_convert_to_stringdtype_kwargs"): _no_cost,
+    ("pandas._libs.internals", "_unpickle_block"): _no_cost,
+    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"): _no_cost,
+    ("pandas.core.indexes.base", "_new_Index"): _index_cost,
+    ("pandas.core.indexes.datetimes", "_new_DatetimeIndex"): _index_cost,
+    ("pandas._libs.tslibs.timestamps", "_unpickle_timestamp"): _no_cost,
+    ("pandas._libs.tslibs.timedeltas", "_timedelta_unpickle"): _no_cost,
+    ("pandas._libs.tslibs.nattype", "__nat_unpickle"): _no_cost,
+}
+
+
+def _lazy_cost(args, kwargs, what):
+    """For a numpy/pandas call: _ITEM_BYTES per item of each lazy sequence among its arguments
+    (and one level into lists, tuples and dicts), which the call may turn into an array."""
+    pd = sys.modules.get("pandas")
+    lazy = (range, pd.RangeIndex) if pd is not None else (range,)
+    total = 0
+    for arg in itertools.chain(args, kwargs.values()):
+        inner = arg.values() if type(arg) is dict else arg if type(arg) in (list, tuple) else ()
+        for value in itertools.chain((arg,), inner):
+            if isinstance(value, lazy):
+                total += _length(value, what) * _ITEM_BYTES
+    return total
+
+
+def _footprint(obj):
+    """Bytes a newly built object holds, for the build budget."""
+    try:
+        if _in_libraries(obj):  # arrays and pandas objects count their data; deep sizes would be slow
+            return int(obj.nbytes) if hasattr(type(obj), "nbytes") else object.__sizeof__(obj)
+        return sys.getsizeof(obj, 0)
+    except Exception:  # a half-built object (its state comes by a later BUILD) holds nothing yet
+        return 0
+
+
+def _dtype_state(target, state):
+    """The state a BUILD may give the numpy dtype `target`: the one numpy writes for the dtype its
+    constructor makes from `state`; a refusal when that differs from `state`.
+
+    dtype.__setstate__ trusts its input: an object field with the object flag cleared makes numpy
+    read raw pickle bytes as object pointers (a crash on the first str()); a field offset past the
+    item size reads out of bounds.
+    """
+    np = sys.modules["numpy"]
+    where = f"numpy dtype {target!r}: the pickled state is not one numpy writes"
+    if type(state) is not tuple or len(state) not in (8, 9) or state[0] not in (3, 4):
+        raise _Refused(where)
+    _, endian, subarray, names, fields, elsize, _, flags = state[:8]
+    extra = state[8] if len(state) == 9 else None
+    try:
+        metadata = extra
+        if names is not None:
+            entries = [fields[n] for n in names]
+            made = np.dtype({"names": list(names), "formats": [e[0] for e in entries],
+                             "offsets": [e[1] for e in entries], "itemsize": elsize,
+                             "titles": [e[2] if len(e) == 3 else None for e in entries]},
+                            align=bool(flags & _NPY_ALIGNED_STRUCT))
+        elif subarray is not None:
+            made = np.dtype((subarray[0], subarray[1]))
+        elif target.kind in "mM":  # extra = (metadata, (unit, count, 1, 1))
+            metadata, (unit, count, _, _) = extra
+            unit = unit.decode("ascii") if isinstance(unit, bytes) else unit
+            made = np.dtype(f"{target.char}8" + ("" if unit == "generic" else f"[{int(count)}{unit}]"))
+        else:
+            made = target
+        if endian in ("<", ">") and made.byteorder != "|":
+            made = made.newbyteorder(endian)
+        if metadata is not None:
+            made = np.dtype(made, metadata=metadata)
+        want = made.__reduce__()[2]
+        native = "<" if sys.byteorder == "little" else ">"
+        same = (type(made) is type(target) and made.type is target.type
+                and state[:1] + (native if endian == "=" else endian,) + state[2:] == want)
+    except Exception:
+        raise _Refused(where) from None
+    if not same:
+        raise _Refused(where)
+    return want
+
+
+@functools.cache
+def _pandas_kinds():
+    from pandas import Categorical, DataFrame, MultiIndex, Series
+    from pandas._libs.arrays import NDArrayBacked
+    from pandas._libs.tslibs.offsets import BaseOffset
+    from pandas.core.arrays.masked import BaseMaskedArray
+    from pandas.core.dtypes.base import ExtensionDtype
+    from pandas.core.generic import NDFrame
+    from pandas.core.internals.managers import BlockManager, SingleBlockManager
+    return types.SimpleNamespace(
+        backed=NDArrayBacked, categorical=Categorical, masked=BaseMaskedArray, multi_index=MultiIndex,
+        block_manager=BlockManager, single_manager=SingleBlockManager, frame=DataFrame, series=Series,
+        # what real pandas pickles give a state by BUILD; blocks, indexes, placements never get one
+        buildable=(NDFrame, SingleBlockManager, NDArrayBacked, BaseMaskedArray, ExtensionDtype, BaseOffset))
+
+
+def _buildable(obj):
+    """numpy/pandas objects a BUILD may give a state: the kinds real pickles BUILD."""
+    np, pd = sys.modules.get("numpy"), sys.modules.get("pandas")
+    return ((np is not None and isinstance(obj, (np.dtype, np.ndarray)))
+            or (pd is not None and isinstance(obj, _pandas_kinds().buildable)))
+
+
+def _check_made(obj):
+    """Refuse a pandas object whose pickled numbers its Cython code would use unchecked (out of
+    range Categorical codes, MultiIndex codes, lengths that differ between an index and its
+    values read and write out of bounds). Half-built objects (their state comes by a later
+    BUILD) pass and are checked after it."""
+    if "pandas" not in sys.modules or not _in_libraries(obj):
+        return
+    kinds = _pandas_kinds()
+    bad = None
+    if isinstance(obj, kinds.backed) and obj._ndarray is None:
+        # Half built (pandas pickles give the state by a later BUILD, or a BUILD set None): its
+        # Cython methods read _ndarray's fields without a None check (.nbytes, .copy()).
+        kinds.backed.__setstate__(obj, (sys.modules["numpy"].empty(0, "int8"), None, {}))
+    if isinstance(obj, kinds.categorical):
+        codes = obj._ndarray
+        if codes.dtype.kind not in "iu":
+            bad = "Categorical codes that are not integers"
+        elif codes.size and (codes.min() < -1 or codes.max() >= len(obj.dtype.categories)):
+            bad = "Categorical codes outside its categories"
+    elif isinstance(obj, kinds.masked):
+        data, mask = obj.__dict__.get("_data"), obj.__dict__.get("_mask")
+        if data is not None and not (getattr(mask, "dtype", None) == bool and mask.shape == data.shape):
+            bad = "a masked array whose mask does not match its values"
+    elif isinstance(obj, kinds.multi_index):
+        obj._verify_integrity()
+    elif isinstance(obj, kinds.single_manager):
+        axes, blocks = getattr(obj, "axes", None), getattr(obj, "blocks", None)
+        if axes is not None and not (len(axes) == 1 and len(blocks) == 1 and blocks[0].values.ndim == 1
+                                     and len(blocks[0].values) == len(axes[0])):
+            bad = "a Series block that does not match its index"
+    elif isinstance(obj, kinds.block_manager):
+        if getattr(obj, "axes", None) is not None:
+            obj._verify_integrity()
+            obj._rebuild_blknos_and_blklocs()  # refuses placements out of range or overlapping
+    elif isinstance(obj, (kinds.frame, kinds.series)):
+        mgr = obj.__dict__.get("_mgr")
+        want = kinds.block_manager if isinstance(obj, kinds.frame) else kinds.single_manager
+        if mgr is not None and not isinstance(mgr, want):
+            bad = f"a {type(obj).__name__} whose data is a {type(mgr).__name__}"
+    if bad:
+        raise _Refused(f"the request pickle holds {bad}")
+
+
+class _NeedsCareful(Exception):
+    """The C unpickler met a global whose calls need the careful unpickler's checks."""
+
+
 class _Unpickler(pickle._Unpickler):
     """Restricted unpickler: every global is checked by `find_class`.
 
     It is the pure-Python unpickler (dill's Unpickler is the C one) because it
-    also has to refuse BUILD/APPEND/SETITEM on the globals it hands out: with
-    the C one a pickle could `setattr` an allowed class (say
-    pandas.DataFrame.__getitem__) for every user of the server. dill's own
+    also has to watch the opcodes that call and modify objects: with the C one
+    a pickle could `setattr` an allowed class (say pandas.DataFrame.__getitem__)
+    or a cached object (pytz.utc) for every user of the server, build gigabytes
+    from a few bytes, or hand numpy a dtype whose state makes it read pickle
+    bytes as pointers. See "What a request pickle may build" above. dill's own
     find_class special cases are reproduced below.
     """
 
@@ -191,6 +539,11 @@ class _Unpickler(pickle._Unpickler):
         self._rules = rules
         self._code_ok = None  # computed on first need (asks the rules once)
         self._handed_out = {}  # id -> object for every global returned (keeps the ids valid)
+        self._shared = {}  # id -> call result something else also held (a singleton, a cache entry)
+        # id -> memo key a numpy/pandas object made by a call gets if the pickle memoizes it next,
+        # as pickles do (see _load_build); a plain dict: counting every memo entry costs 30%.
+        self._memo_key = {}
+        self._budget_total = self._budget = _BUILD_BUDGET + _BUILD_PER_BYTE * len(payload)
 
     # -- find_class --------------------------------------------------------
     def find_class(self, module, name):
@@ -225,8 +578,7 @@ class _Unpickler(pickle._Unpickler):
     def _data_global(self, module, name):
         if (module, name) in self._policy.exact:
             if module == "dill._dill":  # checked stand-ins; they also work without dill
-                return {"_load_type": self._load_type, "_eval_repr": self._eval_repr,
-                        "_create_array": self._create_array}[name]
+                return getattr(self, name)
             return _lookup(module, name)
         where = f"global {module}.{name} is refused"
         if "." in name:  # protocol 4 resolves dotted names: random._os.system
@@ -284,25 +636,137 @@ class _Unpickler(pickle._Unpickler):
         return getattr(obj, name, *default)
 
     def _create_array(self, f, args, state, npdict=None):
-        array = f(*args)
+        array = self._construct(f, args)
         np = sys.modules.get("numpy")
         if np is None or not isinstance(array, np.ndarray):
             raise _Refused("dill._dill._create_array only rebuilds numpy arrays")
+        if _refs(array) != _SOLE_REFS:  # as for BUILD: only an array nothing else holds yet
+            raise _Refused("dill._dill._create_array got an array that is already in use")
         array.__setstate__(state)
+        self._made(array)
         if npdict is not None:
             array.__dict__.update(npdict)
         return array
 
-    def _guard_target(self, target):
+    # -- calls ------------------------------------------------------------------
+    def _construct(self, func, args, kwargs=None, new=False):
+        """`func(*args, **kwargs)`, or `func.__new__(func, ...)` for NEWOBJ, under the rules of
+        "What a request pickle may build"."""
+        if type(args) is not tuple or not (kwargs is None or type(kwargs) is dict):
+            raise _Refused("a pickled call's arguments must be a tuple (and its keywords a dict)")
+        kwargs = kwargs or {}
+        if new and not isinstance(func, type):
+            raise _Refused(f"NEWOBJ needs a class, not {type(func).__name__}")
+        self._before_call(func, args, kwargs, new)
+        value = func.__new__(func, *args, **kwargs) if new else func(*args, **kwargs)
+        if _refs(value) != _SOLE_REFS:
+            self._shared[id(value)] = value  # not this request's to modify
+            _check_made(value)
+        else:
+            self._made(value)
+            if _in_libraries(value):
+                self._memo_key[id(value)] = len(self.memo)
+        return value
+
+    def _before_call(self, func, args, kwargs, new):
+        what = getattr(func, "__qualname__", None) or type(func).__name__
+        if isinstance(func, type):
+            if _lib_type(func):
+                if new and (args or kwargs):
+                    raise _Refused(f"{what}: numpy and pandas objects are built from their pickled state, "
+                                   f"not from constructor arguments")
+                if not new and not {(func.__module__, func.__qualname__), (func.__module__, "*")} & _LIB_CLASS_CALLS:
+                    raise _Refused(f"{what}: this numpy/pandas class is not called while loading a request")
+                self._charge(_lazy_cost(args, kwargs, what), what)
+            cost = next((_TYPE_COSTS[b] for b in func.__mro__ if b in _TYPE_COSTS), None)
+            if cost is not None:
+                self._charge(cost(args, kwargs, what), what)
+        elif func is copyreg._reconstructor:  # base.__new__(cls, state), then base.__init__(obj, state)
+            if len(args) == 3 and isinstance(args[0], type) and isinstance(args[1], type):
+                if args[1] is not object:
+                    self._before_call(args[1], args[2:], {}, False)
+                self._before_call(args[0], (), {}, True)
+        else:
+            module = getattr(func, "__module__", None)
+            cost = _FUNCTION_COSTS.get((module, getattr(func, "__qualname__", None)))
+            if cost is None and _root(module) in _LIBRARIES:
+                raise _Refused(f"{what}: only numpy/pandas pickle helpers are called while loading a request")
+            if cost is not None:
+                self._charge(cost(args, kwargs, what), what)
+            if _root(module) in _LIBRARIES:
+                self._charge(_lazy_cost(args, kwargs, what), what)
+
+    def _charge(self, nbytes, what):
+        self._budget -= nbytes
+        if self._budget < 0:
+            raise _Refused(f"the request pickle builds more than its budget of {self._budget_total:,} bytes "
+                           f"({_BUILD_BUDGET:,} + {_BUILD_PER_BYTE} per request byte), at {what}")
+
+    def _made(self, obj):
+        _check_made(obj)
+        self._charge(_footprint(obj), type(obj).__name__)
+
+    def _load_reduce(self):
+        stack = self.stack
+        args = stack.pop()
+        stack[-1] = self._construct(stack[-1], args)
+
+    def _load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._construct(cls, args, new=True))
+
+    def _load_newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._construct(cls, args, kwargs, new=True))
+
+    def _instantiate(self, klass, args):  # OBJ and INST, as pickle._Unpickler does them
+        if args or not isinstance(klass, type) or hasattr(klass, "__getinitargs__"):
+            self.append(self._construct(klass, tuple(args)))
+        else:
+            self.append(self._construct(klass, (), new=True))
+
+    # -- modifications ----------------------------------------------------------
+    def _guard_target(self, target, kinds=None):
         if target is None or self._code_ok:  # code rights can do anything anyway (dill BUILDs functions)
             return
-        if id(target) in self._handed_out or isinstance(target, (type, types.ModuleType)) \
-                or inspect.isroutine(target):
+        if id(target) in self._shared:
+            raise _Refused(f"the pickle tries to modify a {type(target).__name__} object that a call returned and "
+                           f"others share (a singleton or a cached object); only objects the pickle creates itself "
+                           f"may be modified")
+        if id(target) in self._handed_out or isinstance(target, (type, types.ModuleType)) or inspect.isroutine(target):
             raise _Refused(f"the pickle tries to modify {type(target).__name__} {getattr(target, '__name__', '')!r}"
                            f" in place; only objects it creates itself may be modified")
+        if kinds is not None and not isinstance(target, kinds):
+            # Real pickles add items to the lists, dicts and sets they build; an array or a
+            # pandas object takes no items after the checks its state passed.
+            raise _Refused(f"the pickle adds items to a {type(target).__name__}; only lists, dicts and sets take items")
+
+    def _load_build(self):
+        stack = self.stack
+        state = stack.pop()
+        target = stack[-1]
+        self._guard_target(target)
+        if _in_libraries(target):
+            # numpy/pandas C code trusts an object's state from then on: only an object nothing but
+            # the stack and its memo entry holds yet may get one, as in every real pickle. Later, a
+            # dtype or a Categorical's codes would change under an array or a block checked with the old.
+            if not _buildable(target):
+                raise _Refused(f"the pickle sets the state of a {type(target).__name__}, which pickles never do")
+            memoized = self.memo.get(self._memo_key.get(id(target))) is target
+            if _refs(target) != _SOLE_REFS + 1 + memoized:
+                raise _Refused(f"the pickle sets the state of a {type(target).__name__} already in use")
+            np = sys.modules.get("numpy")
+            if np is not None and isinstance(target, np.dtype):
+                state = _dtype_state(target, state)
+        stack.append(state)
+        pickle._Unpickler.load_build(self)
+        self._made(target)
 
 
-def _guarded(opcode, target):
+def _guarded(opcode, target, kinds):
     original = pickle._Unpickler.dispatch[opcode[0]]
 
     def load(self):
@@ -310,7 +774,7 @@ def _guarded(opcode, target):
             obj = target(self)
         except IndexError:  # malformed stack: let the original opcode report it
             obj = None
-        self._guard_target(obj)
+        self._guard_target(obj, kinds)
         original(self)
     return load
 
@@ -319,18 +783,41 @@ def _below_mark(self):
     return self.metastack[-1][-1] if self.metastack and self.metastack[-1] else None
 
 
-for _op, _target in ((pickle.BUILD, lambda s: s.stack[-2]), (pickle.APPEND, lambda s: s.stack[-2]),
-                     (pickle.SETITEM, lambda s: s.stack[-3]), (pickle.APPENDS, _below_mark),
-                     (pickle.SETITEMS, _below_mark), (pickle.ADDITEMS, _below_mark)):
-    _Unpickler.dispatch[_op[0]] = _guarded(_op, _target)
+_LISTS = (list, collections.deque)
+for _op, _target, _kinds in ((pickle.APPEND, lambda s: s.stack[-2], _LISTS), (pickle.APPENDS, _below_mark, _LISTS),
+                             (pickle.SETITEM, lambda s: s.stack[-3], dict), (pickle.SETITEMS, _below_mark, dict),
+                             (pickle.ADDITEMS, _below_mark, set)):
+    _Unpickler.dispatch[_op[0]] = _guarded(_op, _target, _kinds)
+for _op, _load in ((pickle.BUILD, _Unpickler._load_build), (pickle.REDUCE, _Unpickler._load_reduce),
+                   (pickle.NEWOBJ, _Unpickler._load_newobj), (pickle.NEWOBJ_EX, _Unpickler._load_newobj_ex)):
+    _Unpickler.dispatch[_op[0]] = _load
+
+# Globals the C unpickler may resolve: calling one makes an object of a fixed size, either new or
+# immutable (timezone.utc, a cached ZoneInfo; not pytz.utc), and nothing of numpy or pandas: the C
+# unpickler has no budget and no checks, and its BUILD would modify a shared result. Every other
+# global of the allow-list or of unpickle_allow sends the request to the careful unpickler, and so
+# do user-module globals of numpy/pandas or of a class in _VARIABLE_SIZE.
+_FAST_GLOBALS = frozenset({
+    ("ksrpc.client", "RpcCall"), ("ksrpc.client", "_Self"), ("ksrpc.client", "RpcClient"),
+    *(("builtins", n) for n in ("float", "complex", "bool", "slice", "range", "Ellipsis", "NotImplemented")),
+    *(("builtins", n) for n in _BUILTIN_EXCEPTIONS
+      if not (_ExceptionGroup and issubclass(getattr(builtins, n), _ExceptionGroup))),  # groups copy lists
+    ("datetime", "date"), ("datetime", "time"), ("datetime", "datetime"), ("datetime", "timedelta"),
+    ("datetime", "timezone"), ("uuid", "UUID"), ("zoneinfo", "ZoneInfo"),
+    ("dill._dill", "_load_type"), ("dill._dill", "_eval_repr"),
+})
+# Classes whose calls build objects as big as their arguments say (user modules' subclasses too).
+_VARIABLE_SIZE = tuple(_TYPE_COSTS) + (int, str)
 
 
 class _FastUnpickler(pickle.Unpickler):
     """CPython's C unpickler with the same `find_class` allow-list as
-    `_Unpickler`, but without its opcode guards. The server uses it only for
+    `_Unpickler`, but without its opcode hooks. The server uses it only for
     pickles its Rust scan (`ksrpc_core::pickle_scan`) proved to mutate nothing
-    but objects they build themselves, so the guards have nothing to catch;
-    it is ~8x faster on a small request (2.7 us against 21 us)."""
+    but objects they build themselves, so the modification guards have nothing
+    to catch; globals whose calls need the size and numpy/pandas checks raise
+    `_NeedsCareful` and the request goes to the careful unpickler. It is ~8x
+    faster on a small request (2.7 us against 21 us)."""
 
     def __init__(self, payload, policy, rules):
         super().__init__(io.BytesIO(payload))
@@ -340,26 +827,47 @@ class _FastUnpickler(pickle.Unpickler):
         self._code_ok = None
         self._handed_out = {}
 
-    find_class = _Unpickler.find_class
+    def find_class(self, module, name):
+        key = ("dill._dill" if module == "dill.dill" else module, name)
+        if key not in _FAST_GLOBALS and (key in self._policy.exact or key[0] in self._policy.wild):
+            raise _NeedsCareful(f"{module}.{name}")
+        obj = _Unpickler.find_class(self, module, name)
+        if key not in _FAST_GLOBALS and (_root(_module_of(obj)) in _LIBRARIES or _root(module) in _LIBRARIES or (
+                isinstance(obj, type) and (issubclass(obj, _VARIABLE_SIZE) or _lib_type(obj)))):
+            raise _NeedsCareful(f"{module}.{name}")
+        return obj
+
     _code_global = _Unpickler._code_global
     _data_global = _Unpickler._data_global
     _check_code = _Unpickler._check_code
     _load_type = _Unpickler._load_type
     _eval_repr = _Unpickler._eval_repr
     _getattr = _Unpickler._getattr
-    _create_array = _Unpickler._create_array
 
 
 # ---------------------------------------------------------------------------
 # Request validation and log summary
 # ---------------------------------------------------------------------------
 
-def _check_calls(calls, where, classes, depth=0):
+# Lazy chains (RpcClient arguments) are resolved, nested ones first, before their call. Through
+# the pickle memo one nested chain can be referenced k times at each of d levels: k**d
+# resolutions from a few hundred bytes, so the calls of the whole tree are counted, each time
+# they are reached, not only its depth.
+_MAX_CHAIN_DEPTH = 16
+_MAX_CHAIN_CALLS = 1024
+
+
+def _check_calls(calls, where, classes, count=None, depth=0):
     rpc_call, rpc_client = classes
-    if depth > 16:
-        raise ValueError("lazy chains are nested more than 16 deep")
+    count = [0] if count is None else count
+    if depth > _MAX_CHAIN_DEPTH:
+        raise ValueError(f"lazy chains are nested more than {_MAX_CHAIN_DEPTH} deep")
     if not isinstance(calls, (list, tuple)):
         raise ValueError(f"{where} must be a list of ksrpc.client.RpcCall, not {type(calls).__name__}")
+    count[0] += len(calls)
+    if count[0] > _MAX_CHAIN_CALLS:
+        raise ValueError(f"the request has more than {_MAX_CHAIN_CALLS} calls, counting each use of "
+                         f"a nested lazy chain")
     for i, c in enumerate(calls):
         here = f"{where}[{i}]"
         if not isinstance(c, rpc_call):
@@ -376,7 +884,7 @@ def _check_calls(calls, where, classes, depth=0):
                 state = vars(v)  # never getattr: the real RpcClient invents attributes
                 if not isinstance(state.get("_module"), str):
                     raise ValueError(f"{here} has a nested RpcClient without a str module")
-                _check_calls(state.get("_calls"), f"{here} nested chain calls", classes, depth + 1)
+                _check_calls(state.get("_calls"), f"{here} nested chain calls", classes, count, depth + 1)
 
 
 def _validate(req, classes):
@@ -567,10 +1075,11 @@ class _Ctx:
 # ---------------------------------------------------------------------------
 
 class _Handle:
-    __slots__ = ("user", "gen", "serial", "last")
+    __slots__ = ("user", "gen", "serial", "last", "busy")
 
     def __init__(self, user, gen, serial):
         self.user, self.gen, self.serial, self.last = user, gen, serial, time.monotonic()
+        self.busy = False  # a call is advancing it (a generator runs one step at a time)
 
 
 class _Handles:
@@ -582,7 +1091,7 @@ class _Handles:
         self._items = {}  # id -> _Handle, least recently used first
 
     def _expire(self, now):
-        old = [k for k, h in self._items.items() if now - h.last > self._ttl]
+        old = [k for k, h in self._items.items() if now - h.last > self._ttl and not h.busy]
         return [self._items.pop(k) for k in old]
 
     def add(self, user, gen, serial):
@@ -604,6 +1113,12 @@ class _Handles:
             dropped = self._expire(now)
             h = self._items.get(hid)
             if h is not None and h.user == user:
+                if h.busy:
+                    # Advancing a running generator raises, and a generator that raised is dropped:
+                    # the second caller is told, the handle stays for the first.
+                    raise RuntimeError(f"generator handle {hid} is being advanced by another call; "
+                                       f"advance one generator one call at a time")
+                h.busy = True
                 h.last = now
                 self._items[hid] = self._items.pop(hid)  # most recently used goes last
             else:
@@ -614,6 +1129,11 @@ class _Handles:
             raise LookupError(f"generator handle {hid} is unknown: it expired (idle > {self._ttl:g} s), "
                               f"was evicted (over {self._cap} per user), was exhausted, or belongs to another user")
         return h
+
+    def release(self, h):
+        with self._lock:
+            h.busy = False
+            h.last = time.monotonic()
 
     def drop(self, hid):
         with self._lock:
@@ -664,15 +1184,19 @@ class Executor:
                ) -> tuple[int, str | None, bytes, str]:
         """One request -> (reply_status, bad_request, reply_bytes, summary). Never raises.
         `fast`: the caller proved the pickle mutates only objects it builds (see
-        `_FastUnpickler`), so the C unpickler may load it."""
+        `_FastUnpickler`), so the C unpickler may load it; it hands the request to the
+        careful unpickler when a global needs that one's checks."""
         module, summary = "?", "<undecodable>"
         state = _CallState()
         try:
             with self._lock:
                 self._calls[call_id] = state
             try:
-                loader = _FastUnpickler if fast else _Unpickler
-                req = loader(bytes(payload), self._policy, rules).load()
+                payload = bytes(payload)
+                try:
+                    req = (_FastUnpickler if fast else _Unpickler)(payload, self._policy, rules).load()
+                except _NeedsCareful:
+                    req = _Unpickler(payload, self._policy, rules).load()
             except (KeyboardInterrupt, SystemExit, TimeoutError, asyncio.CancelledError):
                 raise  # injected by the server (timeout, shutdown), not the request's fault
             except BaseException as e:
@@ -820,6 +1344,8 @@ class Executor:
         except BaseException:
             self._handles.drop(hid)  # a generator that raised is finished
             raise
+        finally:
+            self._handles.release(h)
         self._check_reached(ctx, value)
         return value
 

@@ -397,6 +397,25 @@ pub fn run(args: &[String]) -> Result<()> {
         writeln!(std::io::stdout().lock(), "{v}")?;
         return Ok(());
     }
+    if args.first().map(String::as_str) == Some("native") {
+        // `cargo xtask bench native URL [MB ROWS SECONDS]`: only the Rust
+        // client rows, against a running server of ours (bench password).
+        let url = args.get(1).context("usage: bench native URL [MB ROWS SECONDS]")?;
+        let num = |i: usize, default: u64| args.get(i).map_or(Ok(default), |s| s.parse::<u64>());
+        let (mb, rows, secs) = (num(2, 100)?, num(3, 1_000_000)?, num(4, 5)?);
+        let creds = (USER, PASSWORD);
+        let mut out = std::io::stdout().lock();
+        let (rps, v) = rust_client::small_calls_ws(url, creds, 64, secs)?;
+        writeln!(out, "64 in flight on one WebSocket: {rps:.0} req/s {v}")?;
+        for transport in [Transport::Http, Transport::WebSocket] {
+            let array = ("ksrpc.server.demo", "create_1d_array", mb as i64);
+            let (a, _) = rust_client::download(url, transport, creds, array, (mb << 17) as usize, 3)?;
+            let frame = ("bench_mod", "market_frame", rows as i64);
+            let (b, _) = rust_client::download(url, transport, creds, frame, rows as usize, 3)?;
+            writeln!(out, "{transport:?}: {mb} MB array {a:.3} s, {rows}-row frame {b:.3} s")?;
+        }
+        return Ok(());
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let plan = if quick {
         Plan { mb: 10, rows: 100_000, repeat: 1, seconds: 2 }

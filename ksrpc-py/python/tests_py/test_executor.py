@@ -7,10 +7,12 @@ import asyncio
 import ast
 import collections
 import contextlib
+import copyreg
 import datetime
 import decimal
 import fnmatch
 import fractions
+import functools
 import io
 import itertools
 import os
@@ -118,6 +120,16 @@ def meet_at_barrier():
     return BARRIER.wait()
 
 
+GEN_ENTERED, GEN_GATE = threading.Event(), threading.Event()
+
+
+def gated_gen():
+    GEN_ENTERED.set()
+    GEN_GATE.wait(10)
+    yield 1
+    yield 2
+
+
 def thread_name():
     return threading.current_thread().name
 
@@ -176,6 +188,16 @@ def raise_stop_iteration():
 class Plain:
     def __init__(self, v):
         self.v = v
+
+
+class Reduce:
+    """Pickles as whatever __reduce__ tuple it is given: a hand-made pickle fragment."""
+
+    def __init__(self, *reduce):
+        self.reduce = reduce
+
+    def __reduce__(self):
+        return self.reduce
 
 
 # ---- request building ---------------------------------------------------------------------------
@@ -422,6 +444,25 @@ class HandleTest(ExecutorTest):
         ref_id, calls = self.start(DEMO, "sync_counter", ex=ex)
         time.sleep(0.15)
         self.error(self.advance(DEMO, calls, ref_id), LIMITED, LookupError, "expired", ex=ex)
+
+    def test_concurrent_advance_gets_a_clear_error_and_keeps_the_handle(self):
+        # A second __next__ while the first still runs the generator used to hit "generator already
+        # executing", which dropped the handle under the first caller.
+        GEN_ENTERED.clear()
+        GEN_GATE.clear()
+        ref_id, calls = self.start(MOD, "gated_gen", HELPERS)
+        first = {}
+        thread = threading.Thread(target=lambda: first.update(got=self.ok(self.advance(MOD, calls, ref_id), HELPERS)))
+        thread.start()
+        try:
+            self.assertTrue(GEN_ENTERED.wait(5))
+            self.error(self.advance(MOD, calls, ref_id), HELPERS, RuntimeError, "being advanced by another call")
+        finally:
+            GEN_GATE.set()
+            thread.join(10)
+        self.assertEqual(first, {"got": 1})
+        self.assertEqual(self.ok(self.advance(MOD, calls, ref_id), HELPERS), 2)
+        self.error(self.advance(MOD, calls, ref_id), HELPERS, StopAsyncIteration)
 
     def test_per_user_cap_evicts_least_recently_used(self):
         ex = self.make(handle_cap=2)
@@ -738,6 +779,253 @@ class ThreadTest(ExecutorTest):
         ex.close()  # idempotent
         self.error(request(MOD, call("coro_add", 1, 2)), HELPERS, RuntimeError, "closed", ex=ex)
         self.assertEqual(self.ok(request(DEMO, call("add", 1, 2)), LIMITED, ex=ex), 3)
+
+
+def frag(obj):
+    """The opcodes that push `obj` (no PROTO, FRAME or STOP), to splice into a hand-made pickle;
+    only for objects without repeated parts (a repeat would be a memo GET with its own numbering)."""
+    p = pickle.dumps(obj, protocol=4)[2:-1]
+    return p[9:] if p[:1] == b"\x95" else p
+
+
+def reduce_request(value):
+    return request(MOD, call("identity", value), use_dill=False)
+
+
+class BuildRulesTest(ExecutorTest):
+    """What a request pickle may build beyond the globals it names (see "What a request pickle may
+    build" in ksrpc_executor): numpy/pandas state checks, call results it does not own, a size
+    budget. Every case runs on the careful and the fast unpickler (the fast one hands requests
+    needing these checks to the careful one)."""
+
+    def both(self, payload, rules):
+        out = []
+        for fast in (False, True):
+            status, bad, reply, _ = self.ex.handle(next(self._ids), "alice", rules, payload, fast)
+            out.append((fast, status, bad, (dill.loads if dill is not None else pickle.loads)(reply)["data"]))
+        return out
+
+    def refused(self, payload, contains, rules=HELPERS):
+        for fast, status, bad, data in self.both(payload, rules):
+            with self.subTest(fast=fast):
+                self.assertEqual(status, 500, data)
+                self.assertIsInstance(bad, str, data)
+                self.assertIn(contains, bad)
+
+    def same_back(self, value, rules=Rules((MOD, True))):
+        for use_dill in (False, True) if dill is not None else (False,):
+            for proto in (2, 3, 4, 5):
+                payload = (dill if use_dill else pickle).dumps(
+                    dict(module=MOD, calls=[call("identity", value)], ref_id=0), protocol=proto)
+                for fast in (False, True) if proto >= 3 else (False,):  # the Rust scan sends protocol 3+ only
+                    status, bad, reply, _ = self.ex.handle(next(self._ids), "alice", rules, payload, fast)
+                    got = (dill.loads if dill is not None else pickle.loads)(reply)["data"]
+                    self.assertEqual((status, bad), (200, None), f"dill={use_dill} protocol={proto} fast={fast}: {got}")
+                    yield got
+
+    # -- numpy dtypes and arrays ----------------------------------------------------------------
+    @needs_numpy
+    def test_dtype_state_numpy_would_not_write_is_refused(self):
+        reconstruct = np.arange(1).__reduce__()[0]
+        # The review's 330-byte crash: a void dtype whose state names an object field but clears
+        # the object flag; numpy then read the array's raw bytes 'AAAAAAAA' as an object pointer.
+        hidden = Reduce(np.dtype, ("V8", False, True), (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0))
+        array = Reduce(reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), hidden, False, b"A" * 8))
+        self.refused(request(DEMO, call("sync_say_hi", array), use_dill=False), "not one numpy writes", LIMITED)
+        past_the_end = Reduce(np.dtype, ("V8", False, True),
+                              (3, "|", None, ("a",), {"a": (np.dtype("i8"), 100)}, 8, 1, 0))
+        self.refused(reduce_request(past_the_end), "not one numpy writes")
+        not_a_state = Reduce(np.dtype, ("f8", False, True), "junk")
+        self.refused(reduce_request(not_a_state), "not one numpy writes")
+
+    @needs_numpy
+    def test_dtype_or_array_in_use_keeps_its_state(self):
+        reconstruct, frombuffer = np.arange(1).__reduce__()[0], np.arange(3).__reduce_ex__(5)[0]
+        dtype_v8 = stack_global("numpy", "dtype") + short_str("V8") + b"\x89\x88\x87R\x94"  # memo 0
+        array = (stack_global(reconstruct.__module__, "_reconstruct") + stack_global("numpy", "ndarray")
+                 + b"K\x00\x85C\x01b\x87R\x94" + b"(K\x01K\x01\x85h\x00\x89C\x08AAAAAAAAtb")  # memo 1
+        v8_state = frag((3, "|", None, None, None, 8, 1, 0))
+        # a dtype gets its state while nothing uses it yet (what every numpy pickle does)...
+        status, bad, _, _ = self.send(b"\x80\x04" + dtype_v8 + b"0h\x00" + v8_state + b"b.", HELPERS)
+        self.assertIn("request must be a dict", bad)  # loaded; only the request shape is wrong
+        # ...but not once an array uses it: a new state would change what the array's bytes mean
+        self.refused(b"\x80\x04" + dtype_v8 + b"0" + array + b"0h\x00" + v8_state + b"b.", "already in use")
+        # an array whose memory a view uses: a new state would free that memory under the view
+        view = stack_global(frombuffer.__module__, "_frombuffer") + b"(h\x01" + stack_global("numpy", "dtype") \
+            + short_str("u1") + b"\x85RK\x08\x85" + short_str("C") + b"tR"
+        self.refused(b"\x80\x04" + dtype_v8 + b"0" + array + b"0" + view + b"h\x01(K\x01K\x01\x85h\x00\x89C\x08"
+                     + b"BBBBBBBBtb.", "already in use")
+
+    @needs_numpy
+    def test_shared_dtype_is_not_modified(self):
+        singleton = Reduce(np.dtype, ("f8",), (3, ">", None, None, None, -1, -1, 0))  # np.dtype("f8") is shared
+        self.refused(reduce_request(singleton), "others share")
+        self.assertEqual(np.dtype("f8").byteorder, "=")
+
+    @needs_numpy
+    def test_items_go_only_into_lists_dicts_and_sets(self):
+        reconstruct = np.arange(1).__reduce__()[0]
+        array = (stack_global(reconstruct.__module__, "_reconstruct") + stack_global("numpy", "ndarray")
+                 + b"K\x00\x85C\x01b\x87R" + frag((1, (1,), np.dtype("i8"), False, bytes(8))) + b"b")
+        self.refused(b"\x80\x04" + array + b"K\x00K\x07s.", "only lists, dicts and sets")  # array[0] = 7
+
+    @needs_numpy
+    def test_numpy_values_still_load(self):
+        values = [np.arange(5), np.zeros((2, 3), order="F"), np.array(3.5), np.array(["a", "bc"]), np.array([b"x"]),
+                  np.array([1, "x", None], dtype=object), np.array([1, 2], dtype=">i4"), np.array([1 + 2j]),
+                  np.array(["2020-01-01"], dtype="datetime64[ns]"), np.array([1, 2], dtype="m8[25s]"),
+                  np.zeros(2, dtype=[("a", "i4"), ("b", "O")]),
+                  np.zeros(2, dtype=np.dtype([("a", "i4"), ("b", "f8")], align=True)),
+                  np.zeros(2, dtype=np.dtype({"names": ["a"], "formats": ["i4"], "offsets": [4], "itemsize": 12})),
+                  np.zeros(2, dtype=[(("title", "a"), "i4")]), np.zeros(2, dtype=("i4", (2, 3))),
+                  np.zeros(2, dtype=[("a", ">i4", (2,)), ("n", [("x", "f4")])]),
+                  np.array([1.0], dtype=np.dtype("f8", metadata={"k": 1})), np.dtype("f8"), np.dtype("U5"),
+                  np.float64(1.5), np.int64(3), np.datetime64("2020-01-01"), np.zeros(1, dtype=[("a", "i4")])[0]]
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, "StringDType"):
+            values.append(np.array(["x", "yz"], dtype=np.dtypes.StringDType()))
+        for v in values:
+            with self.subTest(value=repr(v)[:60]):
+                for got in self.same_back(v):
+                    if isinstance(v, np.ndarray):
+                        # protocols before 5 give a byte-swapped array in native order, as pickle.loads does
+                        self.assertEqual(*((a.dtype.kind, a.dtype.itemsize, a.shape, repr(a.dtype.fields), repr(a.tolist()))
+                                           for a in (got, v)))
+                    else:
+                        self.assertEqual(got, v)
+
+    # -- pandas ----------------------------------------------------------------------------------
+    @needs_pandas
+    def test_pandas_values_still_load(self):
+        import pytz
+        frame = pd.DataFrame({"A": [1, 2], "B": ["x", None], "C": pd.to_datetime(["2020-01-01", "2020-01-02"]),
+                              "D": pd.Categorical(["u", "v"]),
+                              "E": pd.date_range("2020", periods=2, tz="Asia/Shanghai"),
+                              "F": [1.5, float("nan")], "G": pd.period_range("2020", periods=2, freq="M"),
+                              "H": pd.to_timedelta([1, 2], unit="s"), "I": [True, False],
+                              "J": pd.date_range("2020", periods=2, tz=pytz.timezone("America/New_York"))})
+        values = [frame, frame.set_index(["A", "B"]), pd.Series(pd.Categorical(["a", "b"], ordered=True), name="s"),
+                  pd.Index(["a", "b"]), pd.RangeIndex(3), pd.MultiIndex.from_tuples([(1, "a"), (2, "b")]),
+                  pd.date_range("2020", periods=3, freq="D"), pd.period_range("2020", periods=2, freq="D"),
+                  pd.timedelta_range(0, periods=2), pd.Timestamp("2020-01-01", tz=pytz.utc), pd.Period("2020-01", "M"),
+                  pd.offsets.Day(3), pd.offsets.MonthEnd(2), pd.offsets.CustomBusinessDay(holidays=["2020-01-01"]),
+                  pd.Categorical(["a", "b", None])]
+        for v in values:
+            with self.subTest(value=type(v).__name__):
+                for got in self.same_back(v):
+                    self.assertTrue(v.equals(got) if hasattr(v, "equals") else got == v, got)
+
+    @needs_pandas
+    def test_pandas_state_cython_would_trust_is_refused(self):
+        # Categorical codes past its categories: str() read out of bounds (a crash).
+        cat = pd.Categorical(["a", "b"]).__reduce_ex__(4)
+        bad_codes = Reduce(cat[0], cat[1], (cat[2][0], np.array([0, 120], dtype="i1"), {}))
+        self.refused(reduce_request(bad_codes), "Categorical codes outside its categories")
+        # MultiIndex codes past a level (pandas' own pickle skips its integrity check).
+        mi = pd.MultiIndex.from_tuples([(1, "a"), (2, "b")]).__reduce__()
+        levels = dict(mi[1][1], codes=[np.array([0, 120], dtype="i1"), np.array([0, 1], dtype="i1")])
+        self.refused(reduce_request(Reduce(mi[0], (mi[1][0], levels))), "code max")
+        # A Series whose index is longer than its values: alignment read past the values.
+        series = pd.Series([1.0, 2.0]).__reduce_ex__(4)
+        long_index = pd.RangeIndex(1000)
+        manager = Reduce(copyreg._reconstructor, (pd.Series([1.0])._mgr.__class__, object, None),
+                         ([long_index], [np.array([1.0, 2.0])], [long_index],
+                          {"0.14.1": {"axes": [long_index],
+                                      "blocks": [{"values": np.array([1.0, 2.0]), "mgr_locs": slice(0, 2)}]}}))
+        self.refused(reduce_request(Reduce(copyreg._reconstructor, (pd.Series, object, None), dict(series[2], _mgr=manager))),
+                     "does not match its index", Rules((MOD, True), ("builtins", True)))  # builtins.object
+
+    @needs_pandas
+    def test_half_built_pandas_array_is_harmless(self):
+        # pandas' helper makes an empty shell its pickle fills by BUILD; a pickle that never does
+        # used to leave Cython reading an array's fields from None (garbage from .nbytes).
+        shell = Reduce(*pd.date_range("2020", periods=1).array.__reduce_ex__(4)[:2])
+        got = self.ok(reduce_request(shell), Rules((MOD, True)))
+        self.assertEqual(len(got), 0)
+
+    # -- call results the pickle does not own ---------------------------------------------------
+    def test_build_on_shared_call_results_is_refused(self):
+        try:
+            import pytz
+        except ImportError:
+            self.skipTest("pytz is not installed")
+        utc = b"\x80\x04" + stack_global("pytz", "_UTC") + b")R}" + short_str("zone") + short_str("Mars/Olympus") + b"sb."
+        self.refused(utc, "others share", LIMITED)
+        shanghai = (b"\x80\x04" + stack_global("pytz", "_p") + short_str("Asia/Shanghai") + b"\x85R}"
+                    + short_str("zone") + short_str("Evil/Zone") + b"sb.")
+        self.refused(shanghai, "others share", LIMITED)
+        self.assertEqual((pytz.utc.zone, pytz.timezone("Asia/Shanghai").zone), ("UTC", "Asia/Shanghai"))
+
+    def test_wildcard_entries_are_narrowed(self):
+        self.assertFalse([e for e in kx.DEFAULT_UNPICKLE_ALLOW if e.endswith(":*")])
+        for module, name in (("pandas._libs.tslibs.offsets", "to_offset"), ("numpy.dtypes", "Float64DType")):
+            self.refused(b"\x80\x04" + stack_global(module, name) + b".", "not in unpickle_allow", LIMITED)
+
+    # -- size ----------------------------------------------------------------------------------
+    def test_tiny_requests_cannot_build_big_objects(self):
+        big = b"J" + (2 * 10 ** 9).to_bytes(4, "little")
+        builtin = functools.partial(stack_global, "builtins")
+        a_range = builtin("range") + big + b"\x85R"
+        shared = list(range(100000))  # one memoized list, copied by many tuple() calls
+        cases = [("bytearray(2e9)", b"\x80\x04" + builtin("bytearray") + big + b"\x85R.", "budget"),
+                 ("bytes(2e9)", b"\x80\x04" + builtin("bytes") + big + b"\x85R.", "budget"),
+                 ("list(range)", b"\x80\x04" + builtin("list") + a_range + b"\x85R.", "budget"),
+                 ("NEWOBJ tuple(range)", b"\x80\x04" + builtin("tuple") + a_range + b"\x85\x81.", "budget"),
+                 ("OBJ frozenset(range)", b"\x80\x04(" + builtin("frozenset") + a_range + b"o.", "budget"),
+                 ("copyreg list(range)", b"\x80\x04" + stack_global("copyreg", "_reconstructor") + builtin("list")
+                  + builtin("list") + a_range + b"\x87R.", "budget"),
+                 ("many copies", reduce_request([Reduce(tuple, (shared,)) for _ in range(200)]), "budget")]
+        if np is not None:
+            reconstruct, scalar = np.arange(1).__reduce__()[0], np.float64(1).__reduce__()[0]
+            cases += [("_reconstruct big", reduce_request(Reduce(reconstruct, (np.ndarray, (10 ** 9,), b"O"))), "budget"),
+                      ("ndarray(shape)", reduce_request(Reduce(np.ndarray, ((10 ** 9,),))), "not called while loading"),
+                      ("scalar big", reduce_request(Reduce(scalar, (np.dtype("V2000000000"),))), "budget")]
+        if pd is not None:
+            from pandas.core.indexes.base import _new_Index
+            cases += [("Series(0, index)", reduce_request(Reduce(pd.Series, (0, pd.RangeIndex(10 ** 9)))),
+                       "not called while loading"),
+                      ("_new_Index(range)", reduce_request(Reduce(_new_Index, (pd.Index, {"data": range(10 ** 9)}))),
+                       "budget"),
+                      ("_new_Index(bytes)", reduce_request(Reduce(_new_Index, (bytes, {"source": 10 ** 9}))),
+                       "needs a pandas Index class")]
+        for name, payload, contains in cases:
+            with self.subTest(name):
+                started = time.monotonic()
+                self.refused(payload, contains)
+                self.assertLess(time.monotonic() - started, 5)
+
+    def test_number_parsers_are_capped(self):
+        import _codecs
+        cases = [Reduce(fractions.Fraction, ("1e300000000",)), Reduce(fractions.Fraction, (decimal.Decimal("1e999999"),)),
+                 Reduce(decimal.Decimal, (1 << 200000,)),  # Decimal(int) is quadratic
+                 Reduce(_codecs.encode, ("\u00e4" * 10, "punycode"))]  # so is punycode
+        for value, contains in zip(cases, ("Fraction", "Fraction", "Decimal", "latin-1")):
+            with self.subTest(contains):
+                started = time.monotonic()
+                self.refused(reduce_request(value), contains)
+                self.assertLess(time.monotonic() - started, 5)
+        for value in (fractions.Fraction(1, 3), fractions.Fraction("1e-4000"), decimal.Decimal("1" * 10000),
+                      b"\xff"):  # protocol 2 pickles bytes as _codecs.encode(text, "latin1")
+            self.assertEqual(set(self.same_back(value)), {value})
+
+    def test_budget_grows_with_the_request(self):
+        # 1 MiB spelled out in the request loads under a 64 KiB base budget; 2 MiB from an int does not.
+        with mock.patch.object(kx, "_BUILD_BUDGET", 1 << 16):
+            self.assertEqual(len(self.ok(reduce_request(bytearray(1 << 20)), Rules((MOD, True)))), 1 << 20)
+            payload = b"\x80\x04" + stack_global("builtins", "bytearray") + b"J" + (2 << 20).to_bytes(4, "little") \
+                + b"\x85R."
+            self.refused(payload, f"budget of {(1 << 16) + 16 * len(payload):,} bytes")
+
+    # -- nested lazy chains --------------------------------------------------------------------
+    def test_reused_nested_chains_are_capped(self):
+        def chain(depth, k):
+            c = RpcClient(DEMO, calls=[attr("PASSWORD")])
+            for _ in range(depth):  # each level uses the level below k times (one memoized object)
+                c = RpcClient(DEMO, calls=[attr("LIST"), call("__len__", *(c,) * k)])
+            return request(DEMO, call("add", c, 1), use_dill=False)
+        started = time.monotonic()
+        self.refused(chain(6, 10), "more than 1024 calls", LIMITED)  # 10**6 resolutions before the cap
+        self.assertLess(time.monotonic() - started, 5)
+        self.error(chain(2, 3), LIMITED, TypeError, "argument")  # under the cap it runs: LIST.__len__(c, c, c)
 
 
 if __name__ == "__main__":
