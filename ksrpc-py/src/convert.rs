@@ -164,10 +164,24 @@ fn table_of(py: Python<'_>, obj: &Bound<'_, PyAny>, module: &str) -> PyResult<Op
     };
     let pa = pyarrow(py)?;
     let table = pa.getattr("Table")?.call_method1("from_pandas", (frame,))?;
-    let sink = pa.call_method0("BufferOutputStream")?;
-    let writer = pa.getattr("ipc")?.call_method1("new_stream", (&sink, table.getattr("schema")?))?;
-    writer.call_method1("write_table", (&table,))?;
-    writer.call_method0("close")?;
-    let buf = sink.call_method0("getvalue")?.call_method0("to_pybytes")?;
-    Ok(Some(Value::Table(ByteBuf::from(buf.cast::<PyBytes>()?.as_bytes().to_vec()))))
+    let ipc = pa.getattr("ipc")?;
+    let schema = table.getattr("schema")?;
+    let write = |sink: &Bound<'_, PyAny>| -> PyResult<()> {
+        let writer = ipc.call_method1("new_stream", (sink, &schema))?;
+        writer.call_method1("write_table", (&table,))?;
+        writer.call_method0("close").map(drop)
+    };
+    // Measure first (no data is copied), then write into a buffer of the
+    // exact size: a growing output stream reallocates and copies as it goes.
+    let mock = pa.call_method0("MockOutputStream")?;
+    write(&mock)?;
+    let size: usize = mock.call_method0("size")?.extract()?;
+    let buffer = pa.call_method1("allocate_buffer", (size,))?;
+    write(&pa.call_method1("FixedSizeBufferWriter", (&buffer,))?)?;
+    // One copy out of Arrow's memory, through the buffer protocol.
+    // (pyarrow buffers export format "b"; a memoryview cast makes it bytes.)
+    let view = py.import("builtins")?.getattr("memoryview")?.call1((&buffer,))?.call_method1("cast", ("B",))?;
+    let view = pyo3::buffer::PyBuffer::<u8>::get(&view)?;
+    let bytes = view.to_vec(py)?;
+    Ok(Some(Value::Table(ByteBuf::from(bytes))))
 }
