@@ -50,6 +50,27 @@ fn install_crypto_provider() {
     });
 }
 
+/// A rustls configuration trusting the public web roots plus `extra` (PEM).
+fn rustls_config(extra: &[Vec<u8>], alpn: &[&[u8]]) -> Result<rustls::ClientConfig, Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for pem in extra {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| Error::Connection(format!("reading a root certificate: {e}")))?;
+            roots.add(cert).map_err(|e| Error::Connection(format!("adding a root certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(Error::Connection("no certificate in the PEM given as a root".into()));
+        }
+    }
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 fn timestamp() -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     format!("{now:.3}")
@@ -142,16 +163,22 @@ impl Conn {
             Transport::Http => {
                 let endpoint = Url::parse(&format!("{}/v2/call", base.as_str().trim_end_matches('/')))
                     .map_err(|e| Error::Url(e.to_string()))?;
-                let http = reqwest::Client::builder()
-                    .connect_timeout(b.connect_timeout)
-                    .build()
-                    .map_err(|e| Error::Connection(e.to_string()))?;
+                let mut http = reqwest::Client::builder().connect_timeout(b.connect_timeout);
+                if !b.tls_roots.is_empty() {
+                    http = http.tls_backend_preconfigured(rustls_config(&b.tls_roots, &[b"http/1.1"])?);
+                }
+                let http = http.build().map_err(|e| Error::Connection(e.to_string()))?;
                 let next_id = Arc::new(AtomicU64::new(random_id_base()));
                 Ok(Conn::Http(HttpConn { http, endpoint, auth, limits: b.limits, next_id }))
             }
             Transport::WebSocket => {
                 let endpoint = format!("{}/v2/ws", base.as_str().trim_end_matches('/'));
-                let conn = tokio::time::timeout(b.connect_timeout, WsConn::connect(endpoint, auth, b.limits))
+                let tls = if b.tls_roots.is_empty() {
+                    None
+                } else {
+                    Some(tokio_tungstenite::Connector::Rustls(Arc::new(rustls_config(&b.tls_roots, &[])?)))
+                };
+                let conn = tokio::time::timeout(b.connect_timeout, WsConn::connect(endpoint, auth, b.limits, tls))
                     .await
                     .map_err(|_| Error::Connection(format!("no connection within {:?}", b.connect_timeout)))??;
                 Ok(Conn::Ws(conn))
@@ -367,7 +394,12 @@ impl Drop for WsConn {
 }
 
 impl WsConn {
-    async fn connect(endpoint: String, auth: Option<String>, limits: Limits) -> Result<WsConn, Error> {
+    async fn connect(
+        endpoint: String,
+        auth: Option<String>,
+        limits: Limits,
+        tls: Option<tokio_tungstenite::Connector>,
+    ) -> Result<WsConn, Error> {
         let mut request =
             endpoint.as_str().into_client_request().map_err(|e| Error::Url(format!("{endpoint}: {e}")))?;
         let headers = request.headers_mut();
@@ -379,8 +411,9 @@ impl WsConn {
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .max_message_size(Some(mux::MAX_FRAME + 64))
             .max_frame_size(Some(mux::MAX_FRAME + 64));
-        let (socket, _) =
-            tokio_tungstenite::connect_async_with_config(request, Some(config), true).await.map_err(|e| match &e {
+        let (socket, _) = tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, tls)
+            .await
+            .map_err(|e| match &e {
                 tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 401 => Error::Unauthorized,
                 tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 403 => Error::Forbidden,
                 tokio_tungstenite::tungstenite::Error::Http(r) => {

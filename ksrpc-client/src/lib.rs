@@ -80,9 +80,19 @@ pub struct ClientBuilder {
     timeout: Option<Duration>,
     connect_timeout: Duration,
     limits: Limits,
+    tls_roots: Vec<Vec<u8>>,
 }
 
 impl ClientBuilder {
+    /// Trusts the CA (or self-signed) certificates in `pem` for `https` and
+    /// `wss`, in addition to the public web roots (Mozilla's list, through
+    /// `webpki-roots`). Without any, the platform's verifier is used for
+    /// HTTP and the public web roots for WebSocket.
+    pub fn add_root_certificate_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_roots.push(pem.into());
+        self
+    }
+
     /// User and password for HTTP Basic auth.
     pub fn credentials(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
         self.credentials = Some((user.into(), password.into()));
@@ -151,6 +161,7 @@ impl Client {
             timeout: None,
             connect_timeout: Duration::from_secs(30),
             limits: Limits { max_encoded: 4 << 30, max_decoded: 4 << 30 },
+            tls_roots: Vec::new(),
         }
     }
 

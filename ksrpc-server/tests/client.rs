@@ -385,6 +385,60 @@ fn every_value_type_round_trips_through_the_server() {
         .unwrap();
 }
 
+/// A TLS front for the server, as users put one (or frp with TLS) before
+/// it: TLS on a loopback port with a fresh self-signed certificate for
+/// `localhost`, forwarding plain bytes to the server. Returns the port and
+/// the certificate (PEM).
+async fn tls_front(server: &Server) -> (u16, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let upstream = server.base.trim_start_matches("http://").split('/').next().unwrap().to_owned();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let pem = cert.cert.pem();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (port, pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_and_wss_through_a_tls_front_with_a_private_root() {
+    let server = Server::start();
+    let (port, pem) = tls_front(&server).await;
+    for url in [format!("https://localhost:{port}/api/v1"), format!("wss://localhost:{port}/api/v1/ws")] {
+        let client = Client::builder(&url)
+            .add_root_certificate_pem(pem.clone())
+            .credentials(ADMIN.0, ADMIN.1)
+            .connect()
+            .await
+            .unwrap();
+        assert_eq!(client.module("ksrpc.server.demo").call("add", (1, 2)).await.unwrap(), Value::Int(3), "{url}");
+        let frame = client.module("bench_mod").call("market_frame", (300,)).record_batches().await.unwrap();
+        assert_eq!(frame.iter().map(|b| b.num_rows()).sum::<usize>(), 300);
+        // Without the root, the certificate is refused: no call goes through.
+        let untrusted = async {
+            let c = Client::builder(&url).credentials(ADMIN.0, ADMIN.1).connect().await?;
+            c.module("ksrpc.server.demo").call("add", (1, 2)).await
+        };
+        let err = untrusted.await.unwrap_err();
+        assert!(matches!(err, Error::Connection(_)), "{url}: {err}");
+    }
+}
+
 #[test]
 fn the_blocking_client_works_from_plain_threads() {
     let server = Server::start();
