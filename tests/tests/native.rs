@@ -132,3 +132,33 @@ async fn errors_and_rules_hold_as_in_the_compat_protocol() {
     );
     assert_eq!(ok(ex.call_native(NativeRequest { user: admin, chain: with_pickle }).await.unwrap()), Value::Int(1));
 }
+
+/// Tables need pyarrow on the server; without it (here: made unimportable
+/// in this test's own interpreter) a DataFrame result and a table argument
+/// are errors that name the package, and everything else still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pyarrow_tables_are_a_clear_error() {
+    let ex = executor(|_| {});
+    let admin = user("admin", &["allow *"]);
+    let run = |c: CallChain<Value>| ex.call_native(NativeRequest { user: admin.clone(), chain: c });
+    // sys.modules["pyarrow"] = None makes `import pyarrow` raise ImportError.
+    let hide = chain(
+        "sys",
+        vec![Call::attr("modules"), Call::method("__setitem__", vec![Value::Str("pyarrow".into()), Value::None])],
+    );
+    assert_eq!(ok(run(hide).await.unwrap()), Value::None);
+    let frame = chain("bench_mod", vec![Call::method("market_frame", vec![Value::Int(10)])]);
+    let table_arg =
+        chain("bench_mod", vec![Call::method("frame_summary", vec![Value::Table(ByteBuf::from(b"ARROW1".to_vec()))])]);
+    for c in [frame, table_arg] {
+        match run(c.clone()).await.unwrap() {
+            Outcome::Err(e) => {
+                assert_eq!(e.kind, "ImportError", "{c:?}: {e:?}");
+                assert!(e.message.contains("pip install pyarrow"), "{e:?}");
+            }
+            o => panic!("{c:?} gave {o:?}"),
+        }
+    }
+    let add = chain("ksrpc.server.demo", vec![Call::method("add", vec![Value::Int(1), Value::Int(2)])]);
+    assert_eq!(ok(run(add).await.unwrap()), Value::Int(3));
+}
