@@ -433,10 +433,6 @@ impl WsConn {
         Ok(WsConn { endpoint, shared, outbound, reader })
     }
 
-    fn closed_error(&self) -> Option<Error> {
-        self.shared.closed.lock().expect("closed flag poisoned").clone().map(Error::Connection)
-    }
-
     /// Queues an encoded message's frames.
     fn send_frames(&self, id: u64, wire: Bytes) -> Result<(), Error> {
         for frame in mux::frames(id, &wire) {
@@ -445,21 +441,26 @@ impl WsConn {
         Ok(())
     }
 
-    /// Sends a small message nobody waits for (`Cancel`, `CloseHandle`).
+    /// Sends a small message nobody waits for (`Cancel`, `CloseHandle`), on
+    /// a fresh stream: the stream of the call it names may still be
+    /// half-sent.
     fn send_quiet(&self, message: ClientMessage) {
-        let id = match &message {
-            ClientMessage::Cancel { id } => *id,
-            _ => self.shared.next_id.fetch_add(1, Ordering::Relaxed),
-        };
-        let _ = self.send_frames(id, Bytes::from(native::encode_compressed(&message)));
+        let stream = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = self.send_frames(stream, Bytes::from(native::encode_compressed(&message)));
     }
 
     async fn exchange(&self, id: u64, message: ClientMessage, progress: Option<Progress>) -> Result<Reply, Error> {
-        if let Some(e) = self.closed_error() {
-            return Err(e);
-        }
         let (tx, rx) = oneshot::channel();
-        self.shared.pending.lock().expect("pending map poisoned").insert(id, Pending { reply: tx, progress });
+        {
+            // Checked under the pending lock: the reader marks the socket
+            // closed before it fails everything pending, so a call either
+            // sees the mark or is failed with the rest, never left waiting.
+            let mut pending = self.shared.pending.lock().expect("pending map poisoned");
+            if let Some(reason) = self.shared.closed.lock().expect("closed flag poisoned").clone() {
+                return Err(Error::Connection(reason));
+            }
+            pending.insert(id, Pending { reply: tx, progress });
+        }
         let mut call = WsCall { conn: self, id, done: false };
         let wire = encode(message).await?;
         self.send_frames(id, Bytes::from(wire))?;
@@ -529,13 +530,13 @@ async fn read_loop(mut stream: futures_util::stream::SplitStream<WsStream>, shar
             }
             continue;
         }
-        let wire = pushed.message.unwrap_or_default();
+        let (stream, wire) = (pushed.id, pushed.message.unwrap_or_default());
         if wire.len() > INLINE {
             // Big replies decode on the blocking pool so small ones behind
             // them are delivered meanwhile.
             let shared = shared.clone();
-            tokio::task::spawn_blocking(move || deliver(&shared, decode_server(&wire, limits)));
-        } else if let Some(refused) = deliver(&shared, decode_server(&wire, limits)) {
+            tokio::task::spawn_blocking(move || deliver(&shared, stream, decode_server(&wire, limits)));
+        } else if let Some(refused) = deliver(&shared, stream, decode_server(&wire, limits)) {
             break refused;
         }
     };
@@ -544,8 +545,9 @@ async fn read_loop(mut stream: futures_util::stream::SplitStream<WsStream>, shar
 }
 
 /// Hands a reply to its caller; returns the reason when the server refused
-/// and the socket is over.
-fn deliver(shared: &WsShared, message: Result<ServerMessage, Error>) -> Option<String> {
+/// and the socket is over. A reply that cannot be read fails only the call
+/// of its stream.
+fn deliver(shared: &WsShared, stream: u64, message: Result<ServerMessage, Error>) -> Option<String> {
     match message {
         Ok(ServerMessage::Reply { id, outcome }) => {
             let pending = shared.pending.lock().expect("pending map poisoned").remove(&id);
@@ -561,9 +563,10 @@ fn deliver(shared: &WsShared, message: Result<ServerMessage, Error>) -> Option<S
             Some(format!("refused: {reason}"))
         }
         Err(e) => {
-            let reason = e.to_string();
-            shared.fail_all(|| Error::Protocol(reason.clone()));
-            Some(reason)
+            if let Some(p) = shared.pending.lock().expect("pending map poisoned").remove(&stream) {
+                let _ = p.reply.send(Err(e));
+            }
+            None
         }
     }
 }

@@ -406,8 +406,12 @@ impl Stream for ValueStream {
                 Some(Err(Error::Protocol("a generator item is itself a generator handle".into())))
             }
             Err(e) => {
-                // The server drops a generator that raised.
-                self.handle = None;
+                // The server drops a generator that raised; after any other
+                // error (timeout, connection) it may still hold it, and Drop
+                // asks it to close.
+                if matches!(e, Error::Remote(_)) {
+                    self.handle = None;
+                }
                 Some(Err(e))
             }
         })

@@ -139,7 +139,7 @@ pub fn frames(id: u64, message: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
 #[derive(Debug)]
 pub struct Reassembler {
     limits: Limits,
-    open: HashMap<u64, Vec<u8>>,
+    open: HashMap<u64, Open>,
     buffered: u64,
 }
 
@@ -150,45 +150,46 @@ impl Reassembler {
         Reassembler { limits, open: HashMap::new(), buffered: 0 }
     }
 
-    /// Takes one frame; returns the stream id, the announced total (if any)
-    /// and the bytes received so far for it, and the whole message once its
-    /// last slice arrived.
+    /// Takes one frame; returns the stream id, the total its first slice
+    /// announced (if any) and the bytes received so far for it, and the
+    /// whole message once its last slice arrived.
     pub fn push(&mut self, frame: &[u8]) -> Result<Pushed, MuxError> {
         let (header, slice) = parse(frame)?;
         let limit = self.limits.max_encoded;
-        let have = self.open.get(&header.id).map_or(0, Vec::len) as u64;
+        let open = self.open.get(&header.id);
+        let have = open.map_or(0, |o| o.bytes.len()) as u64;
+        let total = open.and_then(|o| o.total).or(header.total);
         let grown = have + slice.len() as u64;
-        if grown > limit || header.total.is_some_and(|t| t > limit) {
+        if grown > limit || total.is_some_and(|t| t > limit) {
             return Err(MuxError::MessageTooLarge { id: header.id, limit });
         }
-        if header.fin && have == 0 {
-            return Ok(Pushed { id: header.id, received: grown, total: header.total, message: Some(slice.to_vec()) });
+        let pushed = |message| Pushed { id: header.id, received: grown, total, message };
+        if header.fin && open.is_none() {
+            return Ok(pushed(Some(slice.to_vec())));
         }
         if self.buffered + slice.len() as u64 > limit {
             return Err(MuxError::BufferedTooLarge { limit });
         }
-        if have == 0 && !self.open.contains_key(&header.id) && self.open.len() >= MAX_OPEN_STREAMS {
+        if open.is_none() && self.open.len() >= MAX_OPEN_STREAMS {
             return Err(MuxError::TooManyStreams);
         }
-        let buf = self.open.entry(header.id).or_insert_with(|| {
-            // Trust an announced total only up to one slice's worth of
-            // capacity per frame seen: a peer cannot make us allocate ahead.
-            Vec::with_capacity(header.total.map_or(0, |t| t.min(4 * SLICE as u64) as usize))
-        });
-        buf.extend_from_slice(slice);
+        // No capacity is reserved from an announced total: a peer cannot
+        // make us allocate ahead of the bytes it actually sent.
+        let entry = self.open.entry(header.id).or_insert_with(|| Open { bytes: Vec::new(), total });
+        entry.bytes.extend_from_slice(slice);
         self.buffered += slice.len() as u64;
         if header.fin {
-            let message = self.open.remove(&header.id).unwrap_or_default();
+            let message = self.open.remove(&header.id).map(|o| o.bytes).unwrap_or_default();
             self.buffered -= message.len() as u64;
-            return Ok(Pushed { id: header.id, received: grown, total: header.total, message: Some(message) });
+            return Ok(pushed(Some(message)));
         }
-        Ok(Pushed { id: header.id, received: grown, total: header.total, message: None })
+        Ok(pushed(None))
     }
 
     /// Forgets an unfinished message (its call was cancelled).
     pub fn forget(&mut self, id: u64) {
-        if let Some(buf) = self.open.remove(&id) {
-            self.buffered -= buf.len() as u64;
+        if let Some(o) = self.open.remove(&id) {
+            self.buffered -= o.bytes.len() as u64;
         }
     }
 
@@ -198,6 +199,14 @@ impl Reassembler {
     }
 }
 
+/// An unfinished message.
+#[derive(Debug)]
+struct Open {
+    bytes: Vec<u8>,
+    /// The total its first slice announced.
+    total: Option<u64>,
+}
+
 /// What [`Reassembler::push`] learnt from a frame.
 #[derive(Debug)]
 pub struct Pushed {
@@ -205,7 +214,7 @@ pub struct Pushed {
     pub id: u64,
     /// Bytes of this message received so far.
     pub received: u64,
-    /// The total this frame announced, if it did.
+    /// The total the message's first slice announced, if it did.
     pub total: Option<u64>,
     /// The whole encoded message, when this was its last slice.
     pub message: Option<Vec<u8>>,
@@ -233,7 +242,9 @@ mod tests {
         assert_eq!((small.id, small.message.as_deref()), (u64::MAX, Some(&b"small"[..])));
         let mut done = None;
         for f in fa {
-            done = r.push(&f).unwrap().message;
+            let p = r.push(&f).unwrap();
+            assert_eq!(p.total, Some(a.len() as u64), "every slice reports the announced total");
+            done = p.message;
         }
         assert_eq!(done.as_deref(), Some(&a[..]));
         assert_eq!(r.open_streams(), 0);
@@ -287,6 +298,17 @@ mod tests {
         assert_eq!(r.push(&extra).unwrap_err(), MuxError::TooManyStreams);
         // an open stream may still grow
         r.push(&frame(Header { id: 5, fin: true, total: None }, b"y")).unwrap();
+    }
+
+    #[test]
+    fn an_empty_first_slice_does_not_leave_the_stream_open() {
+        let mut r = Reassembler::new(Limits::default());
+        assert!(r.push(&frame(Header { id: 5, fin: false, total: Some(3) }, b"")).unwrap().message.is_none());
+        assert_eq!(
+            r.push(&frame(Header { id: 5, fin: true, total: None }, b"abc")).unwrap().message.as_deref(),
+            Some(&b"abc"[..])
+        );
+        assert_eq!(r.open_streams(), 0);
     }
 
     #[test]

@@ -283,6 +283,42 @@ async fn a_hundred_calls_in_flight_on_one_websocket_and_small_ones_pass_a_big_re
     }
 }
 
+/// Cancelling a call whose reply is partly received leaves the socket
+/// healthy: the server finishes that reply and the client discards it, so
+/// no half-received message stays in the client's buffers. (Were the rest
+/// dropped, six leftovers of at least 12 MB each would pass the client's
+/// 64 MiB limit and kill the socket.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_replies_mid_transfer_leaves_the_socket_healthy() {
+    let server = Server::start();
+    let limits = ksrpc_client::Limits { max_encoded: 64 << 20, max_decoded: 64 << 20 };
+    let client = Client::builder(server.url(Transport::WebSocket))
+        .credentials(ADMIN.0, ADMIN.1)
+        .reply_limits(limits)
+        .connect()
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        let started = Arc::new(tokio::sync::Notify::new());
+        let s = started.clone();
+        let big = client.module("ksrpc.server.demo").call("create_1d_array", (40,)).on_progress(move |got, total| {
+            if total.is_some_and(|t| got * 10 >= t * 3) {
+                s.notify_one();
+            }
+        });
+        tokio::select! {
+            biased;
+            () = started.notified() => {} // dropping `big` here cancels it
+            r = big.value() => panic!("the call finished before it was cancelled: {:?}", r.map(|_| ())),
+        }
+        assert_eq!(client.module("ksrpc.server.demo").call("add", (1, 2)).await.unwrap(), Value::Int(3));
+        // Let the rest of the cancelled reply drain before the next one.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let whole = client.module("ksrpc.server.demo").call("create_1d_array", (40,)).record_batches().await.unwrap();
+    assert_eq!(whole.iter().map(|b| b.num_rows()).sum::<usize>(), 40 << 17);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_and_dropped_calls_cancel_on_the_server() {
     let server = Server::start();
@@ -537,6 +573,11 @@ async fn hostile_frames_close_the_socket_with_a_reason_and_others_go_on() {
         (
             "duplicate id",
             vec![frame(Header { id: 5, fin: true, total: None }, &versioned(1, &sleep_call(5))).to_vec(); 2],
+            1008,
+        ),
+        (
+            "request id 0",
+            vec![frame(Header { id: 0, fin: true, total: None }, &versioned(1, &add_call(0))).to_vec()],
             1008,
         ),
     ];

@@ -52,7 +52,13 @@ pub struct HttpState {
 /// posted on another connection stops one: a server cannot hear an HTTP
 /// client leave while its call runs, so the client says so.
 #[derive(Clone, Debug, Default)]
-pub struct InFlight(Arc<Mutex<HashMap<CallKey, oneshot::Sender<()>>>>);
+pub struct InFlight(Arc<Mutex<HashMap<CallKey, Registration>>>);
+
+/// A registration's token and the sender that cancels its call.
+type Registration = (u64, oneshot::Sender<()>);
+
+/// Tells one registration from a later one of the same key.
+static NEXT_TOKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// (user name, request id).
 type CallKey = (String, u64);
@@ -65,14 +71,15 @@ impl InFlight {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        map.insert(key.clone(), tx);
-        Some((rx, InFlightGuard { map: self.clone(), key }))
+        let token = NEXT_TOKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        map.insert(key.clone(), (token, tx));
+        Some((rx, InFlightGuard { map: self.clone(), key, token }))
     }
 
     /// Stops `user`'s call `id`; false when there is none.
     fn cancel(&self, user: &str, id: u64) -> bool {
-        let tx = self.0.lock().expect("in-flight map poisoned").remove(&(user.to_owned(), id));
-        tx.is_some_and(|tx| tx.send(()).is_ok())
+        let entry = self.0.lock().expect("in-flight map poisoned").remove(&(user.to_owned(), id));
+        entry.is_some_and(|(_, tx)| tx.send(()).is_ok())
     }
 }
 
@@ -80,11 +87,17 @@ impl InFlight {
 struct InFlightGuard {
     map: InFlight,
     key: (String, u64),
+    token: u64,
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.map.0.lock().expect("in-flight map poisoned").remove(&self.key);
+        // Only our own registration: after a Cancel, a new call may have
+        // registered under the same key.
+        let mut map = self.map.0.lock().expect("in-flight map poisoned");
+        if map.get(&self.key).is_some_and(|(token, _)| *token == self.token) {
+            map.remove(&self.key);
+        }
     }
 }
 

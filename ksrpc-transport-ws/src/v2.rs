@@ -34,6 +34,12 @@ pub const CALLS_PER_SOCKET: usize = 32;
 /// A message left half-sent is dropped after this long without a frame.
 const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
 
+/// Calls of one socket accepted but not answered yet (running or waiting for
+/// one of the [`CALLS_PER_SOCKET`] places); beyond it, or beyond the
+/// encoded-size limit of their messages together, the socket is not read
+/// until calls finish.
+pub const QUEUED_PER_SOCKET: usize = 1024;
+
 pub(crate) async fn upgrade(
     req: HttpRequest,
     body: web::Payload,
@@ -62,7 +68,12 @@ struct Socket {
     user: Arc<User>,
     session: Session,
     reassembler: Reassembler,
-    in_flight: HashMap<u64, AbortHandle>,
+    /// Calls not answered yet: their task and the size of their message.
+    in_flight: HashMap<u64, (AbortHandle, u64)>,
+    /// Encoded bytes of the calls in `in_flight`.
+    queued_bytes: u64,
+    /// When the last binary frame arrived (the half-sent clock).
+    last_frame: Instant,
     outgoing: VecDeque<Outgoing>,
     done_tx: mpsc::UnboundedSender<Finished>,
     done_rx: mpsc::UnboundedReceiver<Finished>,
@@ -82,6 +93,8 @@ impl Socket {
             user,
             session,
             in_flight: HashMap::new(),
+            queued_bytes: 0,
+            last_frame: Instant::now(),
             outgoing: VecDeque::new(),
             done_tx,
             done_rx,
@@ -91,20 +104,29 @@ impl Socket {
 
     async fn serve(mut self, mut messages: AggregatedMessageStream) {
         let stop = loop {
-            let idle = async {
-                if self.reassembler.open_streams() > 0 {
-                    tokio::time::sleep(HALF_SENT_IDLE).await;
+            // Only frames move the half-sent clock (not pings, not replies).
+            let half_sent = self.reassembler.open_streams() > 0;
+            let deadline = tokio::time::Instant::from_std(self.last_frame + HALF_SENT_IDLE);
+            let idle = async move {
+                if half_sent {
+                    tokio::time::sleep_until(deadline).await;
                 } else {
                     std::future::pending::<()>().await;
                 }
             };
             let sending = !self.outgoing.is_empty();
+            // Backpressure: with too much accepted and unanswered, stop
+            // reading until calls finish.
+            let reading = self.in_flight.len() < QUEUED_PER_SOCKET && self.queued_bytes < self.state.limits.max_encoded;
             let step = tokio::select! {
-                msg = messages.next() => self.on_message(msg).await,
+                msg = messages.next(), if reading => self.on_message(msg).await,
                 Some((id, reply)) = self.done_rx.recv() => {
-                    self.in_flight.remove(&id);
-                    if let Some(data) = reply {
-                        self.outgoing.push_back(Outgoing { id, data, sent: 0 });
+                    // A call cancelled after it finished sends nothing.
+                    if let Some((_, weight)) = self.in_flight.remove(&id) {
+                        self.queued_bytes -= weight;
+                        if let Some(data) = reply {
+                            self.outgoing.push_back(Outgoing { id, data, sent: 0 });
+                        }
                     }
                     Ok(())
                 }
@@ -115,7 +137,7 @@ impl Socket {
                 break stop;
             }
         };
-        for (_, task) in self.in_flight.drain() {
+        for (_, (task, _)) in self.in_flight.drain() {
             task.abort();
         }
         if let Some((code, reason)) = stop {
@@ -172,6 +194,7 @@ impl Socket {
     }
 
     async fn on_frame(&mut self, frame: &[u8]) -> Result<(), Stop> {
+        self.last_frame = Instant::now();
         let pushed = match self.reassembler.push(frame) {
             Ok(p) => p,
             Err(e) => {
@@ -184,6 +207,7 @@ impl Socket {
             }
         };
         let Some(wire) = pushed.message else { return Ok(()) };
+        let weight = wire.len() as u64;
         let limits = self.state.limits;
         let decoded = if wire.len() > INLINE_REPLY {
             web::block(move || native::decode_compressed::<ClientMessage>(&wire, limits))
@@ -207,6 +231,9 @@ impl Socket {
             self.cancel(id);
             return Ok(());
         }
+        if let ClientMessage::Call { id: 0, .. } | ClientMessage::Next { id: 0, .. } = message {
+            return self.refuse(CloseCode::Policy, "request id 0 is reserved".into()).await;
+        }
         let Some((id, chain)) = message.into_work() else { return Ok(()) };
         if id != 0 && self.in_flight.contains_key(&id) {
             return self.refuse(CloseCode::Policy, format!("request id {id} is already in flight")).await;
@@ -220,18 +247,22 @@ impl Socket {
             self.done_tx.clone(),
         ));
         if id != 0 {
-            self.in_flight.insert(id, task.abort_handle());
+            self.in_flight.insert(id, (task.abort_handle(), weight));
+            self.queued_bytes += weight;
         }
         Ok(())
     }
 
     /// Stops call `id`: aborting its task drops the executor's future, which
-    /// cancels the call; a reply not fully sent is dropped.
+    /// cancels the call. A reply not started is dropped; one already partly
+    /// sent is finished (the peer's reassembler would otherwise hold its
+    /// first slices forever), and the peer discards it.
     fn cancel(&mut self, id: u64) {
-        if let Some(task) = self.in_flight.remove(&id) {
+        if let Some((task, weight)) = self.in_flight.remove(&id) {
             task.abort();
+            self.queued_bytes -= weight;
         }
-        self.outgoing.retain(|o| o.id != id);
+        self.outgoing.retain(|o| o.id != id || o.sent > 0);
         self.reassembler.forget(id);
     }
 }
