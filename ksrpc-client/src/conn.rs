@@ -95,7 +95,7 @@ fn decode_server(wire: &[u8], limits: Limits) -> Result<ServerMessage, Error> {
 }
 
 async fn decode_server_off_thread(wire: Vec<u8>, limits: Limits) -> Result<ServerMessage, Error> {
-    if wire.len() <= INLINE {
+    if native::is_light(&wire, INLINE) {
         return decode_server(&wire, limits);
     }
     tokio::task::spawn_blocking(move || decode_server(&wire, limits))
@@ -531,7 +531,7 @@ async fn read_loop(mut stream: futures_util::stream::SplitStream<WsStream>, shar
             continue;
         }
         let (stream, wire) = (pushed.id, pushed.message.unwrap_or_default());
-        if wire.len() > INLINE {
+        if !native::is_light(&wire, INLINE) {
             // Big replies decode on the blocking pool so small ones behind
             // them are delivered meanwhile.
             let shared = shared.clone();

@@ -409,6 +409,14 @@ fn compress_parallel(raw: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Whether decoding `wire` is cheap enough to do on an async worker: small
+/// on the wire and declaring a small decoded size (a frame without a
+/// declared size, or one that expands a lot, counts as heavy).
+pub fn is_light(wire: &[u8], at_most: usize) -> bool {
+    wire.len() <= at_most
+        && zstd::zstd_safe::get_frame_content_size(wire).ok().flatten().is_some_and(|n| n <= at_most as u64)
+}
+
 /// Undoes [`encode_compressed`] under `limits`, then [`decode`]s.
 pub fn decode_compressed<T: serde::de::DeserializeOwned>(
     wire: &[u8],

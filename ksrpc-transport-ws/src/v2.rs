@@ -34,6 +34,9 @@ pub const CALLS_PER_SOCKET: usize = 32;
 /// A message left half-sent is dropped after this long without a frame.
 const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
 
+/// Longest one frame may wait to be taken by a client that stopped reading.
+const SEND_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Calls of one socket accepted but not answered yet (running or waiting for
 /// one of the [`CALLS_PER_SOCKET`] places); beyond it, or beyond the
 /// encoded-size limit of their messages together, the socket is not read
@@ -152,7 +155,13 @@ impl Socket {
         let end = (out.sent + mux::SLICE).min(out.data.len());
         let total = (out.sent == 0 && end < out.data.len()).then_some(out.data.len() as u64);
         let frame = mux::frame(Header { id: out.id, fin: end == out.data.len(), total }, &out.data[out.sent..end]);
-        self.session.binary(frame).await.map_err(|_| None)?;
+        // A peer that stops reading must not pin this socket's calls and
+        // replies forever.
+        match tokio::time::timeout(SEND_TIMEOUT, self.session.binary(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(None),
+            Err(_) => return Err(Some((CloseCode::Policy, "the client stopped reading".into()))),
+        }
         out.sent = end;
         if out.sent < out.data.len() {
             self.outgoing.push_back(out);
@@ -209,7 +218,7 @@ impl Socket {
         let Some(wire) = pushed.message else { return Ok(()) };
         let weight = wire.len() as u64;
         let limits = self.state.limits;
-        let decoded = if wire.len() > INLINE_REPLY {
+        let decoded = if !native::is_light(&wire, INLINE_REPLY) {
             web::block(move || native::decode_compressed::<ClientMessage>(&wire, limits))
                 .await
                 .unwrap_or_else(|e| Err(NativeError::Malformed(e.to_string())))
