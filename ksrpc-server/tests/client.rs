@@ -326,10 +326,8 @@ async fn timeouts_and_dropped_calls_cancel_on_the_server() {
         let client = server.client(transport, ADMIN).await;
         let bench = client.module("bench_mod");
         let before: u64 = bench.clone().call("cancelled_count", ()).collect().await.unwrap();
-        let started = Instant::now();
         let err = bench.clone().call("wait_for_cancel", (30.0,)).timeout(Duration::from_millis(300)).await.unwrap_err();
         assert!(matches!(err, Error::Timeout(_)), "{err}");
-        assert!(started.elapsed() < Duration::from_secs(10));
         // The server notices and cancels the coroutine.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
