@@ -9,6 +9,19 @@
 //! mutates its own fresh objects, the executor may use CPython's C unpickler
 //! (same `find_class` allow-list) instead. The scan is conservative: anything
 //! it does not fully understand answers `false` and takes the careful path.
+//!
+//! The C unpickler also trusts opcode arguments that size an allocation, so
+//! the scan bounds every one of them before a pickle may take the fast path:
+//!
+//! | opcodes | argument | bound |
+//! | --- | --- | --- |
+//! | `PUT`, `BINPUT`, `LONG_BINPUT` | memo index (the C memo is an array of 2 x index pointers) | at most the number of memo puts before it (what every pickler writes) |
+//! | `FRAME` | frame length | at most the bytes left |
+//! | `BINBYTES*`, `BINUNICODE*`, `BYTEARRAY8`, `SHORT_*`, `BINSTRING`, `LONG1`, `LONG4` | byte count (read into a buffer allocated first) | at most the bytes left |
+//! | `MARK`, `MEMOIZE`, every push | one slot each | the pickle's length |
+//!
+//! Text opcodes (`INT`, `LONG`, `FLOAT`, `STRING`, `UNICODE`, `GET`, `PUT`)
+//! read a line that is already in the pickle.
 
 /// What the scan knows about a stack item.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,6 +84,17 @@ fn scan(pickle: &[u8]) -> Option<bool> {
     let mut stack: Vec<Tag> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
     let mut memo: std::collections::HashMap<u64, Tag> = std::collections::HashMap::new();
+    // Memo puts so far: a PUT index beyond it would make CPython's C
+    // unpickler grow its memo array to twice the index first.
+    let mut puts: u64 = 0;
+    let mut put = |memo: &mut std::collections::HashMap<u64, Tag>, idx: u64, tag: Tag| -> bool {
+        if idx > puts {
+            return false;
+        }
+        puts += 1;
+        memo.insert(idx, tag);
+        true
+    };
     // Old protocols spell globals with Python 2 names that the executor maps
     // on its careful path only.
     if r.take(1)? != [0x80] || r.uint(1)? < 3 {
@@ -85,7 +109,11 @@ fn scan(pickle: &[u8]) -> Option<bool> {
         match op {
             b'.' => return Some(true), // STOP
             0x95 => {
-                r.take(8)?; // FRAME
+                // FRAME: a length beyond the bytes left is no real pickle
+                let len = r.uint(8)?;
+                if len > (pickle.len() - r.at) as u64 {
+                    return Some(false);
+                }
             }
             b'(' => marks.push(stack.len()),
             // Literals.
@@ -199,21 +227,19 @@ fn scan(pickle: &[u8]) -> Option<bool> {
                 pop_mark(&mut stack, &mut marks)?;
             }
             b'2' => stack.push(stack.last()?.clone()),
-            b'p' => {
-                let idx = std::str::from_utf8(r.line()?).ok()?.trim().parse().ok()?;
-                memo.insert(idx, stack.last()?.clone());
-            }
-            b'q' => {
-                let idx = r.uint(1)?;
-                memo.insert(idx, stack.last()?.clone());
-            }
-            b'r' => {
-                let idx = r.uint(4)?;
-                memo.insert(idx, stack.last()?.clone());
+            b'p' | b'q' | b'r' => {
+                let idx = match op {
+                    b'p' => std::str::from_utf8(r.line()?).ok()?.trim().parse().ok()?,
+                    b'q' => r.uint(1)?,
+                    _ => r.uint(4)?,
+                };
+                if !put(&mut memo, idx, stack.last()?.clone()) {
+                    return Some(false);
+                }
             }
             0x94 => {
                 let idx = memo.len() as u64;
-                memo.insert(idx, stack.last()?.clone());
+                put(&mut memo, idx, stack.last()?.clone());
             }
             b'g' => {
                 let idx: u64 = std::str::from_utf8(r.line()?).ok()?.trim().parse().ok()?;
@@ -277,5 +303,24 @@ mod tests {
         assert!(!mutations_stay_local(b"\x80\x04\x8c\x05numpy\x8c\x05dtype\x93)\x81}b."));
         // the same BUILD on a stand-in instance stays fast
         assert!(mutations_stay_local(b"\x80\x04\x8c\x0cksrpc.client\x8c\x07RpcCall\x93)\x81}b."));
+    }
+
+    /// A memo index sizes CPython's C memo array (2 x index pointers): the
+    /// 9-byte `N r <0x03ffffff> .` made the server allocate 1 GiB.
+    #[test]
+    fn memo_indexes_beyond_the_puts_so_far_are_careful() {
+        assert!(!mutations_stay_local(b"\x80\x04Nr\xff\xff\xff\x03."));
+        assert!(!mutations_stay_local(b"\x80\x04Nq\x05."));
+        assert!(!mutations_stay_local(b"\x80\x02Np99999999\n."));
+        // what picklers write: sequential indexes (and a re-put of an old one)
+        assert!(mutations_stay_local(b"\x80\x04Nq\x00Nq\x01Nq\x00."));
+        assert!(mutations_stay_local(b"\x80\x04Nr\x00\x00\x00\x00\x94."));
+    }
+
+    /// A FRAME longer than the bytes that follow is no real pickle.
+    #[test]
+    fn frames_longer_than_the_pickle_are_careful() {
+        assert!(!mutations_stay_local(b"\x80\x04\x95\xff\xff\xff\xff\xff\x00\x00\x00N."));
+        assert!(mutations_stay_local(b"\x80\x04\x95\x02\x00\x00\x00\x00\x00\x00\x00N."));
     }
 }

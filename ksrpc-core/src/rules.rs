@@ -280,7 +280,13 @@ impl RuleSet {
 
     /// Whether `module` (a dotted module name) may be used.
     pub fn allows(&self, module: &str) -> bool {
-        self.rules.iter().find(|r| r.pattern.matches(module)).is_some_and(|r| r.verdict == Verdict::Allow)
+        self.first_match(module).is_some_and(|r| r.verdict == Verdict::Allow)
+    }
+
+    /// The rule that decides `module` (the first whose pattern matches), or
+    /// `None` when no rule matches and the default (deny) applies.
+    pub fn first_match(&self, module: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.pattern.matches(module))
     }
 
     /// The rules in order.
@@ -301,6 +307,9 @@ mod tests {
         assert!(rules.allows("os.sep"));
         assert!(!rules.allows("sys"));
         assert!(!RuleSet::default().allows("anything"));
+        let rule = rules.first_match("os.sep").unwrap();
+        assert_eq!((rule.pattern.to_string().as_str(), rule.verdict), ("os*", Verdict::Allow));
+        assert!(RuleSet::parse(&["allow os"]).unwrap().first_match("sys").is_none());
     }
 
     #[test]

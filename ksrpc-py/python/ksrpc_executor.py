@@ -33,6 +33,8 @@ import types
 from datetime import datetime
 from fnmatch import fnmatchcase
 
+import ksrpc_capability as _capability
+
 try:  # dill is optional: plain pickles work without it.
     import dill
     import dill._dill as _dill_impl
@@ -133,6 +135,41 @@ _FORMATTERS = frozenset({"format", "format_map", "vformat"})
 
 def _is_dunder(name):
     return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
+# ---------------------------------------------------------------------------
+# The trampoline: every call into user-reachable code starts here
+# ---------------------------------------------------------------------------
+#
+# Library code looks at its caller's frame: pandas resolves `@name` in it, numexpr and logging
+# read it, anything may call sys._getframe(1). The executor's own frames hold its globals
+# (importlib, builtins, sys, every user's generator handles), so user-reachable code is never
+# called from them but from a frame whose locals are only the callable and its own arguments
+# and whose globals hold no names but `__builtins__`. A Python function is called from a frame
+# whose builtins are empty. C code is called from one with the real builtins, because C reads
+# them from the calling frame: CPython's C import (PyImport_Import, used by numpy and datetime)
+# takes `__import__` there, numpy's `tofile` takes `open`. C code does not resolve names a
+# request chooses in its caller's frame; Python code it calls back (a partial's function) sees
+# this frame, which holds builtins and nothing of the executor.
+_PY_FRAME = {"__builtins__": {}}
+_C_FRAME = {"__builtins__": builtins}
+exec(compile("def _py_call(f, a, k):\n    return f(*a, **k)\n", "<ksrpc-call>", "exec"), _PY_FRAME)
+exec(compile("def _c_call(f, a, k):\n    return f(*a, **k)\n\n"
+             "async def _clean_await(aw):\n    return await aw\n", "<ksrpc-call>", "exec"), _C_FRAME)
+_py_call = _PY_FRAME.pop("_py_call")
+_c_call = _C_FRAME.pop("_c_call")
+_clean_await = _C_FRAME.pop("_clean_await")
+
+
+def _call(f, args, kwargs):
+    """`f(*args, **kwargs)` from a trampoline frame (see above)."""
+    kind = type(f)
+    if kind is types.FunctionType or (kind is types.MethodType and type(f.__func__) is types.FunctionType):
+        return _py_call(f, args, kwargs)
+    return _c_call(f, args, kwargs)
+
+
+_NO_KWARGS = types.MappingProxyType({})
 
 
 class _Refused(PermissionError):
@@ -594,7 +631,14 @@ class _Unpickler(pickle._Unpickler):
         if not self._rules.allows(module):
             raise _Refused(f"{where}: not in unpickle_allow and module {module!r} is not allowed for this user")
         obj = _lookup(module, name)
-        if not inspect.ismodule(obj) and not self._rules.allows(_module_of(obj)):
+        if inspect.ismodule(obj):
+            return obj  # refused by find_class
+        if callable(obj) and not self._rules.allows("builtins"):
+            try:  # the unpickler calls what it loads: the capability rule decides, as for chains
+                _capability.check_call(self._rules, "this user", obj, (module,), f"global {module}.{name}")
+            except PermissionError as e:
+                raise _Refused(str(e)) from None
+        elif not self._rules.allows(_module_of(obj)):
             raise _Refused(f"{where}: it comes from module {_module_of(obj)!r}, which is not allowed for this user")
         return obj
 
@@ -788,6 +832,22 @@ for _op, _target, _kinds in ((pickle.APPEND, lambda s: s.stack[-2], _LISTS), (pi
                              (pickle.SETITEM, lambda s: s.stack[-3], dict), (pickle.SETITEMS, _below_mark, dict),
                              (pickle.ADDITEMS, _below_mark, set)):
     _Unpickler.dispatch[_op[0]] = _guarded(_op, _target, _kinds)
+# A memo entry is an allocation too (the C unpickler's memo is an array indexed by the PUT
+# argument; ours is a dict): each PUT is charged, whatever its index.
+_MEMO_ENTRY_BYTES = 64
+
+
+def _charged_put(opcode):
+    original = pickle._Unpickler.dispatch[opcode[0]]
+
+    def load(self):
+        self._charge(_MEMO_ENTRY_BYTES, "memo")
+        original(self)
+    return load
+
+
+for _op in (pickle.PUT, pickle.BINPUT, pickle.LONG_BINPUT, pickle.MEMOIZE):
+    _Unpickler.dispatch[_op[0]] = _charged_put(_op)
 for _op, _load in ((pickle.BUILD, _Unpickler._load_build), (pickle.REDUCE, _Unpickler._load_reduce),
                    (pickle.NEWOBJ, _Unpickler._load_newobj), (pickle.NEWOBJ_EX, _Unpickler._load_newobj_ex)):
     _Unpickler.dispatch[_op[0]] = _load
@@ -1014,7 +1074,7 @@ async def _guard(awaitable):
     so every exception except cancellation travels back as a value.
     """
     try:
-        return True, await awaitable
+        return True, await _clean_await(awaitable)
     except asyncio.CancelledError:
         raise
     except BaseException as e:
@@ -1044,7 +1104,7 @@ class _SerialWorker:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(fn(*args))
+                fut.set_result(_call(fn, args, _NO_KWARGS))
             except BaseException as e:  # SystemExit in a call must not end the worker
                 fut.set_exception(e)
             del fut, fn, args, item
@@ -1337,7 +1397,7 @@ class Executor:
             elif h.serial:
                 value = self._wait(ctx, self._serial.submit(next, h.gen))
             else:
-                value = next(h.gen)
+                value = _call(next, (h.gen,), _NO_KWARGS)
         except (StopIteration, StopAsyncIteration):
             self._handles.drop(hid)
             raise StopAsyncIteration() from None  # the 0.8.1 client ends iteration on it
@@ -1414,16 +1474,23 @@ class Executor:
             raise PermissionError(f"{type(obj).__name__} objects are refused: the rules of user {ctx.user!r} "
                                   f"do not allow 'builtins'")
 
-    def _resolve(self, ctx, module, calls):
+    def _resolve(self, ctx, module, calls, as_argument=False):
         obj = self._import(ctx, module)
+        reached = [module]  # the modules the chain passed through, each allowed by the rules
         for c in calls:
             if ctx.state.cancelled:
                 raise RuntimeError("the call was cancelled")
             if c.name:  # an empty name is skipped, as in 0.8.1
-                obj = self._step(ctx, obj, c)
+                obj = self._step(ctx, obj, c, reached)
+                if inspect.ismodule(obj):
+                    reached.append(obj.__name__)
+        if as_argument and not ctx.builtins and callable(obj) and type(obj) is not _StubCall:
+            # the function it is passed to may call it: the same capability as a call
+            what = _summarize(module, calls)
+            _capability.check_call(ctx.rules, ctx.user, obj, reached, f"{what} (passed as an argument)")
         return obj
 
-    def _step(self, ctx, obj, c):
+    def _step(self, ctx, obj, c, reached):
         name = c.name
         if _is_dunder(name) and name not in SAFE_DUNDERS and not ctx.builtins:
             raise PermissionError(f"attribute {name!r} is refused: the rules of user {ctx.user!r} do not allow "
@@ -1436,7 +1503,7 @@ class Executor:
             # past the dunder and module checks.
             raise PermissionError(f"{name!r} is refused: the rules of user {ctx.user!r} do not allow 'builtins'")
         is_builtin = False
-        value = getattr(obj, name, _MISSING)  # 1. attribute
+        value = _call(getattr, (obj, name, _MISSING), _NO_KWARGS)  # 1. attribute (a property runs code)
         if value is _MISSING and inspect.ismodule(obj):  # 2. submodule, or the stub of the module
             value = _stub_function(obj) if name == "generate_stub" else self._submodule(ctx, obj, name)
         if value is _MISSING:  # 3. a builtin
@@ -1450,6 +1517,8 @@ class Executor:
         self._check_reached(ctx, value)
         if c.args is None:
             return value
+        if not ctx.builtins and not is_builtin and callable(value) and type(value) is not _StubCall:
+            _capability.check_call(ctx.rules, ctx.user, value, reached, repr(name))  # before its arguments run
         args = [self._argument(ctx, a) for a in c.args]
         kwargs = {k: self._argument(ctx, v) for k, v in (c.kwargs or {}).items()}
         is_self = lambda a: isinstance(a, self._Self)  # noqa: E731
@@ -1461,7 +1530,7 @@ class Executor:
                             f"demo.LIST.len(Self); {name!r} is not a builtin")
         if not (callable(value) or name.endswith("__call__")):
             return value  # arguments to a non-callable are ignored, as in 0.8.1
-        result = value(*args, **kwargs)
+        result = _call(value, args, kwargs)
         if isinstance(result, collections.abc.Coroutine):  # not asyncio.iscoroutine: it accepts generators
             result = self._await(ctx, result)
         self._check_reached(ctx, result)
@@ -1470,7 +1539,7 @@ class Executor:
     def _argument(self, ctx, value):
         if isinstance(value, self._RpcClient):  # a lazy chain: resolve it first, same user and rules
             state = vars(value)
-            return self._resolve(ctx, state["_module"], state["_calls"])
+            return self._resolve(ctx, state["_module"], state["_calls"], as_argument=True)
         return value
 
 
@@ -1478,10 +1547,20 @@ class Executor:
 # generate_stub: a .pyi text from inspect (0.8.1 used mypy's stubgen)
 # ---------------------------------------------------------------------------
 
+class _StubCall:
+    """`module.generate_stub()`: the server's own stub writer, callable by any user allowed the
+    module (the capability check knows this type)."""
+    __slots__ = ("module",)
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *_args, **_kwargs):  # the client sends module=<name>; the chain already has it
+        return _StubWriter(self.module).text()
+
+
 def _stub_function(module):
-    def generate_stub(*_args, **_kwargs):  # the client sends module=<name>; the chain already has it
-        return _StubWriter(module).text()
-    return generate_stub
+    return _StubCall(module)
 
 
 def generate_stub(module: types.ModuleType) -> str:

@@ -155,7 +155,8 @@ fn table_of(py: Python<'_>, obj: &Bound<'_, PyAny>, module: &str) -> PyResult<Op
         (false, "ndarray") => {
             let pd = py.import("pandas")?;
             let ndim: usize = obj.getattr("ndim")?.extract()?;
-            if ndim > 2 {
+            if ndim == 0 || ndim > 2 {
+                // a 0-d array is a scalar: pickled
                 return Ok(None);
             }
             pd.call_method1("DataFrame", (obj,))?
@@ -178,10 +179,16 @@ fn table_of(py: Python<'_>, obj: &Bound<'_, PyAny>, module: &str) -> PyResult<Op
     let size: usize = mock.call_method0("size")?.extract()?;
     let buffer = pa.call_method1("allocate_buffer", (size,))?;
     write(&pa.call_method1("FixedSizeBufferWriter", (&buffer,))?)?;
-    // One copy out of Arrow's memory, through the buffer protocol.
-    // (pyarrow buffers export format "b"; a memoryview cast makes it bytes.)
-    let view = py.import("builtins")?.getattr("memoryview")?.call1((&buffer,))?.call_method1("cast", ("B",))?;
-    let view = pyo3::buffer::PyBuffer::<u8>::get(&view)?;
-    let bytes = view.to_vec(py)?;
+    // One copy out of Arrow's memory, read at the buffer's address (the
+    // buffer protocol is not in the stable ABI the wheel is built for).
+    let address: usize = buffer.getattr("address")?.extract()?;
+    let len: usize = buffer.getattr("size")?.extract()?;
+    if len != size || address == 0 {
+        return Err(pyo3::exceptions::PyRuntimeError::new_err("pyarrow gave no buffer of the measured size"));
+    }
+    // SAFETY: `buffer` (alive until the end of this function) owns `len`
+    // bytes at the non-null `address`, written above and not changed while
+    // we copy.
+    let bytes = unsafe { std::slice::from_raw_parts(address as *const u8, len) }.to_vec();
     Ok(Some(Value::Table(ByteBuf::from(bytes))))
 }

@@ -17,6 +17,7 @@ const BUNDLED: &[(&str, &str)] = &[
     ("ksrpc/server/__init__.py", include_str!("../python/ksrpc/server/__init__.py")),
     ("ksrpc/server/demo.py", include_str!("../python/ksrpc/server/demo.py")),
     ("ksrpc_executor.py", include_str!("../python/ksrpc_executor.py")),
+    ("ksrpc_capability.py", include_str!("../python/ksrpc_capability.py")),
 ];
 
 /// Formats a Python exception with its traceback, for errors and logs.

@@ -25,7 +25,9 @@ use crate::gate::Gate;
 use crate::interp::{self, describe};
 use crate::{PythonConfig, StartError};
 
-/// A user's rules as seen from Python: `rules.allows("os") -> bool`.
+/// A user's rules as seen from Python: `rules.allows("os") -> bool`, and
+/// `rules.first_match("os") -> (pattern, allowed) | None` (the rule that
+/// decides a module, for the capability check's package rule).
 #[pyclass(frozen, name = "Rules", module = "ksrpc_rs")]
 struct PyRules {
     user: Arc<User>,
@@ -35,6 +37,13 @@ struct PyRules {
 impl PyRules {
     fn allows(&self, module: &str) -> bool {
         self.user.rules.allows(module)
+    }
+
+    fn first_match(&self, module: &str) -> Option<(String, bool)> {
+        self.user
+            .rules
+            .first_match(module)
+            .map(|r| (r.pattern.to_string(), r.verdict == ksrpc_core::rules::Verdict::Allow))
     }
 
     fn __repr__(&self) -> String {

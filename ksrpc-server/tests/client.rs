@@ -40,7 +40,7 @@ password = "{}"
 rules = ["allow *"]
 [users.limited]
 password = "{}"
-rules = ["allow ksrpc.server.demo", "allow bench_mod", "deny *"]
+rules = ["allow ksrpc.server.demo", "allow bench_mod", "allow capsdk", "deny capsdk.secret*", "deny *"]
 [python]
 venv = {venv:?}
 path = [{modules:?}]
@@ -773,4 +773,74 @@ fn the_ksrpc_command_line_calls_prints_writes_files_and_fails_clearly() {
     let (code, _, err) = ksrpc_call(&url, "ksrpc.server.demo.add(1, 2)", &["--out", "x.parquet"], &creds);
     assert_eq!(code, 2);
     assert!(err.contains("needs a table"), "{err}");
+}
+
+/// One row of `tests/python/capability_table.json` (shared with the 0.8.1
+/// client suite and the executor's Python tests).
+#[derive(serde::Deserialize)]
+struct CapabilityRow {
+    module: String,
+    chain: String,
+    limited: String,
+    star: String,
+}
+
+/// The row's chain as the CLI parses it, rooted at the row's module: the
+/// parser takes the dotted path before the first call as the module, so the
+/// part of it after the row's module becomes attribute steps again.
+fn row_chain(row: &CapabilityRow, marker: &str) -> ksrpc_core::chain::CallChain<Value> {
+    let text = format!("{}.{}", row.module, row.chain.replace("{marker}", marker));
+    let mut chain = ksrpc_client::expr::parse(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    let rest = chain.module.strip_prefix(&row.module).unwrap_or_else(|| panic!("{text}: module {}", chain.module));
+    let attrs: Vec<_> = rest.split('.').filter(|s| !s.is_empty()).map(ksrpc_core::chain::Call::attr).collect();
+    chain.calls.splice(0..0, attrs);
+    chain.module.clone_from(&row.module);
+    chain
+}
+
+/// The capability rule over the native protocol: every row of the shared
+/// table as the limited user (what the row expects, and no file written) and
+/// as the admin (`allow *`: the same chain is not refused there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capability_table_over_the_native_protocol() {
+    let table = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/capability_table.json");
+    let rows: Vec<CapabilityRow> = serde_json::from_str(&std::fs::read_to_string(table).unwrap()).unwrap();
+    assert!(rows.len() >= 100);
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for transport in BOTH {
+        let limited = server.client(transport, LIMITED).await;
+        let admin = server.client(transport, ADMIN).await;
+        for (i, row) in rows.iter().enumerate() {
+            for (who, client, expect) in [("limited", &limited, &row.limited), ("star", &admin, &row.star)] {
+                let marker = dir.path().join(format!("m{i}-{who}-{transport:?}"));
+                let chain = row_chain(row, &marker.display().to_string());
+                let got = match client.chain(chain).value().await {
+                    Ok(_) => "ok".to_owned(),
+                    Err(Error::Remote(e)) if e.kind == "PermissionError" => "refused".to_owned(),
+                    Err(Error::Remote(e)) => format!("error:{}", e.kind),
+                    Err(e) => format!("client error {e}"),
+                };
+                let written: Vec<_> = std::fs::read_dir(dir.path())
+                    .unwrap()
+                    .filter_map(Result::ok)
+                    .filter(|e| {
+                        e.file_name().to_string_lossy().starts_with(&*marker.file_name().unwrap().to_string_lossy())
+                    })
+                    .map(|e| e.path())
+                    .collect();
+                for path in &written {
+                    std::fs::remove_file(path).unwrap();
+                }
+                if &got != expect || (who == "limited" && !written.is_empty()) {
+                    failures.push(format!(
+                        "{transport:?} {who} {}.{}: expected {expect}, got {got}, wrote {written:?}",
+                        row.module, row.chain
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} rows failed:\n{}", failures.len(), failures.join("\n"));
 }

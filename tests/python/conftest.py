@@ -5,7 +5,8 @@ The runner starts the server under test and sets:
   KSRPC_TEST_URL               base URL as given to the client, e.g. http://127.0.0.1:PORT/api/v1
   KSRPC_TEST_ADMIN_USER        user whose rules allow everything (code arguments allowed)
   KSRPC_TEST_ADMIN_PASSWORD
-  KSRPC_TEST_LIMITED_USER      user whose rules allow only ksrpc.server.demo and bench_mod
+  KSRPC_TEST_LIMITED_USER      user whose rules allow only ksrpc.server.demo, bench_mod and capsdk
+                               (not capsdk.secret)
   KSRPC_TEST_LIMITED_PASSWORD
   KSRPC_TEST_MARKER_DIR        directory, writable by the server, for the bypass tests' marker files
   KSRPC_TEST_DYNAMIC_URL       optional: a URL holding a literal "{time}" segment that the server's

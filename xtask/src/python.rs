@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// Packages of the venv the server embeds during tests.
-pub const SERVER_PACKAGES: &[&str] = &["dill", "numpy", "pandas<3", "pyarrow", "pytest", "pytest-timeout"];
+pub const SERVER_PACKAGES: &[&str] = &["dill", "numexpr", "numpy", "pandas<3", "pyarrow", "pytest", "pytest-timeout"];
 /// Packages of the venv the real 0.8.1 client runs in.
 pub const CLIENT_PACKAGES: &[&str] = &["ksrpc==0.8.1", "nest_asyncio", "numpy", "pandas<3", "pytest", "pytest-timeout"];
 

@@ -83,7 +83,8 @@ fn random_password() -> String {
 }
 
 /// Writes the suite's server config: `admin` (everything, code allowed)
-/// and `limited` (the demo and bench modules only).
+/// and `limited` (the demo, bench and `capsdk` test modules only; the same
+/// rules as the native capability test in `ksrpc-server/tests/client.rs`).
 pub fn write_config(dir: &Path, env: &Env, path: &str, admin: &str, limited: &str) -> Result<PathBuf> {
     let file = dir.join(format!("config{}.toml", path.replace(['/', '{', '}'], "_")));
     let text = format!(
@@ -99,7 +100,7 @@ rules = ["allow *"]
 
 [users.limited]
 password = "{limited}"
-rules = ["allow ksrpc.server.demo", "allow bench_mod", "deny os", "deny builtins", "deny *"]
+rules = ["allow ksrpc.server.demo", "allow bench_mod", "allow capsdk", "deny capsdk.secret*", "deny os", "deny builtins", "deny *"]
 
 [limits]
 call_timeout = 60.0

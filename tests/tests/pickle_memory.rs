@@ -1,0 +1,199 @@
+//! The pickle scan against CPython's C unpickler and its memory.
+//!
+//! The executor hands a request pickle to the C unpickler only when
+//! `ksrpc_core::pickle_scan` says so; the C unpickler trusts opcode arguments
+//! that size an allocation (a `LONG_BINPUT` index grows its memo array to
+//! twice the index first). These tests show that allocation is real in this
+//! CPython, that the scan sends such pickles to the careful unpickler, and,
+//! over thousands of generated hostile pickles, that whatever the scan lets
+//! through loads within bounded memory (measured with tracemalloc).
+
+use std::sync::OnceLock;
+
+use ksrpc_core::pickle_scan::mutations_stay_local;
+use ksrpc_core::{CompatRequest, ExecError, Executor};
+use ksrpc_py::PyExecutor;
+use ksrpc_tests::{executor, user};
+use proptest::prelude::*;
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+/// The embedded interpreter (started once, by an executor) with a helper that
+/// loads bytes with the C unpickler, every global refused, and returns the
+/// peak of traced memory in bytes.
+fn python() -> &'static PyExecutor {
+    static EX: OnceLock<PyExecutor> = OnceLock::new();
+    EX.get_or_init(|| {
+        let ex = executor(|_| {});
+        Python::attach(|py| {
+            let code = c"
+import io, pickle, tracemalloc
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError('no globals here')
+def c_unpickler_peak(data):
+    tracemalloc.start()
+    try:
+        _NoGlobals(io.BytesIO(data)).load()
+    except Exception:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+";
+            let module = PyModule::from_code(py, code, c"ksrpc_c_unpickler_probe.py", c"ksrpc_c_unpickler_probe")
+                .expect("probe module");
+            py.import("sys").unwrap().getattr("modules").unwrap().set_item("ksrpc_c_unpickler_probe", module).unwrap();
+        });
+        ex
+    })
+}
+
+fn c_unpickler_peak(data: &[u8]) -> usize {
+    python();
+    Python::attach(|py| {
+        let probe = py.import("ksrpc_c_unpickler_probe").expect("probe");
+        probe.call_method1("c_unpickler_peak", (PyBytes::new(py, data),)).unwrap().extract().unwrap()
+    })
+}
+
+/// What any pickle may make the C unpickler allocate: small fixed costs plus
+/// a few pointers per byte of input.
+fn bound(len: usize) -> usize {
+    (1 << 20) + 64 * len
+}
+
+fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[test]
+fn a_big_memo_index_makes_the_c_unpickler_allocate_and_the_scan_refuses_it() {
+    // N ; LONG_BINPUT 0x00ffffff ; STOP: 9 bytes
+    let evil = b"\x80\x04Nr\xff\xff\xff\x00.";
+    let peak = c_unpickler_peak(evil);
+    assert!(peak > 100 << 20, "the C unpickler allocated only {peak} bytes: the attack is gone from CPython?");
+    assert!(!mutations_stay_local(evil), "the scan let a 256 MiB memo index through");
+    assert!(!mutations_stay_local(b"\x80\x04Nr\xff\xff\xff\x03."));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_executor_does_not_allocate_for_a_memo_index() {
+    let ex = python();
+    let nobody = user("nobody", &[]);
+    let before = rss_bytes();
+    for _ in 0..3 {
+        // 0x03ffffff: CPython's C unpickler would take 1 GiB (and 5 s with the GIL)
+        let payload = bytes::Bytes::from_static(b"\x80\x04Nr\xff\xff\xff\x03.");
+        match ex.call_compat(CompatRequest { user: nobody.clone(), payload }).await {
+            Err(ExecError::BadRequest { message, .. }) => assert!(message.contains("must be a dict"), "{message}"),
+            other => panic!("not a request, so a bad-request reply; got {other:?}"),
+        }
+    }
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(grown < 128 << 20, "RSS grew by {grown} bytes");
+}
+
+/// One opcode: mostly plain pushes and container building (so that many
+/// generated pickles are ones the scan accepts), and memo, frame and sized
+/// opcodes whose arguments lie about sizes and indexes.
+fn opcode() -> impl Strategy<Value = Vec<u8>> {
+    let le = |op: u8, n: u64, width: usize| {
+        let mut v = vec![op];
+        v.extend_from_slice(&n.to_le_bytes()[..width]);
+        v
+    };
+    let size = || {
+        prop_oneof![
+            0u64..8,
+            Just(255u64),
+            Just(0xffff),
+            Just(0x00ff_ffff),
+            Just(0x7fff_ffff),
+            any::<u32>().prop_map(u64::from),
+            any::<u64>()
+        ]
+    };
+    let plain = prop_oneof![
+        Just(vec![b'N']),
+        Just(vec![0x88]),
+        Just(vec![b']']),
+        Just(vec![b'}']),
+        Just(vec![b')']),
+        Just(vec![b'(']),
+        Just(vec![0x94]),
+        Just(vec![b'2']),
+        any::<u8>().prop_map(|b| vec![b'K', b]),
+        "[a-z]{0,6}".prop_map(|t| [vec![0x8c, t.len() as u8], t.into_bytes()].concat()),
+    ];
+    let building = prop_oneof![
+        Just(vec![b'a']),
+        Just(vec![b'e']),
+        Just(vec![b's']),
+        Just(vec![b'u']),
+        Just(vec![b'l']),
+        Just(vec![b't']),
+        Just(vec![b'd']),
+        Just(vec![0x85]),
+        Just(vec![0x86]),
+        Just(vec![b'0']),
+        Just(vec![b'1']),
+    ];
+    let memo = prop_oneof![
+        (0u8..4).prop_map(|b| vec![b'q', b]),
+        any::<u8>().prop_map(|b| vec![b'q', b]),
+        (0u8..4).prop_map(|b| vec![b'h', b]),
+        size().prop_map(move |n| le(b'r', n, 4)),
+        (0u64..4).prop_map(move |n| le(b'r', n, 4)),
+        size().prop_map(move |n| le(b'j', n, 4)),
+        (0u64..100_000_000).prop_map(|n| format!("p{n}\n").into_bytes()),
+        (0u64..4).prop_map(|n| format!("p{n}\n").into_bytes()),
+        (0u64..100_000_000).prop_map(|n| format!("g{n}\n").into_bytes()),
+    ];
+    let sized = prop_oneof![
+        size().prop_map(move |n| le(0x95, n, 8)),
+        (0u64..16).prop_map(move |n| le(0x95, n, 8)),
+        size().prop_map(move |n| le(0x8e, n, 8)),
+        size().prop_map(move |n| le(0x8d, n, 8)),
+        size().prop_map(move |n| le(0x96, n, 8)),
+        size().prop_map(move |n| le(b'B', n, 4)),
+        size().prop_map(move |n| le(b'X', n, 4)),
+        size().prop_map(move |n| le(0x8b, n, 4)),
+        (0u64..4).prop_map(move |n| [le(0x8b, n, 4), vec![1; n as usize]].concat()),
+        proptest::collection::vec(any::<u8>(), 0..8),
+    ];
+    prop_oneof![8 => plain, 3 => building, 3 => memo, 2 => sized]
+}
+
+/// Whatever the scan sends to the fast path loads within bounded memory
+/// (4000 generated pickles; a good share of them must take the fast path, or
+/// the test would prove nothing).
+#[test]
+fn what_the_scan_lets_through_loads_in_bounded_memory() {
+    use proptest::test_runner::{Config, TestRunner};
+    let fast = std::sync::atomic::AtomicUsize::new(0);
+    let mut runner = TestRunner::new(Config { cases: 4000, failure_persistence: None, ..Config::default() });
+    let strategy = (proptest::collection::vec(opcode(), 1..12), proptest::bool::weighted(0.9));
+    let result = runner.run(&strategy, |(ops, stop)| {
+        let mut data = b"\x80\x04".to_vec();
+        for op in &ops {
+            data.extend_from_slice(op);
+        }
+        if stop {
+            data.push(b'.');
+        }
+        if mutations_stay_local(&data) {
+            fast.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let peak = c_unpickler_peak(&data);
+            prop_assert!(peak <= bound(data.len()), "{} bytes of pickle took {peak} bytes: {data:?}", data.len());
+        }
+        Ok(())
+    });
+    result.unwrap();
+    let fast = fast.into_inner();
+    assert!(fast >= 200, "only {fast} of 4000 generated pickles took the fast path");
+}
