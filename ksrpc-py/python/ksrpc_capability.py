@@ -59,16 +59,20 @@ _C_DESCRIPTORS = (types.WrapperDescriptorType, types.MethodDescriptorType, types
 _CYTHON_FUNCTIONS = ("cython_function_or_method", "fused_cython_function")
 _C_MEMBERS = (types.GetSetDescriptorType, types.MemberDescriptorType)
 
-# Immutable builtin values: these methods only read the value and return a new bounded one.
-# Left out on purpose: format/format_map/strftime/__format__ (format strings), translate
-# (calls into its table), center/ljust/rjust/zfill/expandtabs/replace/to_bytes (a size or a
-# repetition chosen by the caller), and every dunder outside the executor's safe set.
+# Immutable builtin values: these methods only read the value and return a new one of about
+# its size (case mapping at most 3x, once). Left out on purpose: format/format_map/strftime/
+# __format__ (format strings), translate (calls into its table), center/ljust/rjust/zfill/
+# expandtabs/replace/to_bytes (a size or a repetition chosen by the caller), join (the result
+# is the separator times the items: chained joins multiply), split/splitlines (a small object
+# per piece: 25x the string's size), encode/decode (chained codecs grow without bound, and
+# some, like punycode, take quadratic time), methods taking an iterable (frozenset.union:
+# the iterable may be range(10**18)), range's searches (a C loop over the whole range, with
+# the GIL held), and every dunder outside the executor's safe set.
 _TEXT = frozenset({
     "capitalize", "casefold", "count", "endswith", "find", "index", "isalnum", "isalpha", "isascii",
     "isdecimal", "isdigit", "isidentifier", "islower", "isnumeric", "isprintable", "isspace",
-    "istitle", "isupper", "join", "lower", "lstrip", "partition", "removeprefix", "removesuffix",
-    "rfind", "rindex", "rpartition", "rsplit", "rstrip", "split", "splitlines", "startswith",
-    "strip", "swapcase", "title", "upper",
+    "istitle", "isupper", "lower", "lstrip", "partition", "removeprefix", "removesuffix",
+    "rfind", "rindex", "rpartition", "rstrip", "startswith", "strip", "swapcase", "title", "upper",
 })
 _READ = frozenset({"__len__", "__getitem__", "__contains__", "__str__", "__repr__", "__int__",
                    "__float__", "__bool__"})
@@ -76,24 +80,24 @@ _DATE = frozenset({"isoformat", "isocalendar", "isoweekday", "weekday", "toordin
                    "ctime", "replace"})
 _CLOCK = frozenset({"isoformat", "utcoffset", "tzname", "dst", "replace"})
 VALUE_METHODS = {
-    str: _READ | _TEXT | {"encode"},
-    bytes: _READ | _TEXT | {"decode", "hex"},
+    str: _READ | _TEXT,
+    bytes: _READ | _TEXT | {"hex"},
     int: _READ | {"bit_length", "bit_count", "conjugate", "as_integer_ratio"},
     bool: _READ | {"bit_length", "bit_count", "conjugate", "as_integer_ratio"},
     float: _READ | {"is_integer", "hex", "conjugate", "as_integer_ratio"},
     complex: _READ | {"conjugate"},
     tuple: _READ | {"count", "index"},
-    frozenset: _READ | {"copy", "difference", "intersection", "isdisjoint", "issubset", "issuperset",
-                        "symmetric_difference", "union"},
-    range: _READ | {"count", "index"},
+    frozenset: _READ | {"copy"},
+    range: frozenset({"__len__", "__getitem__", "__str__", "__repr__", "__bool__"}),
     datetime.date: _READ | _DATE,
     datetime.datetime: _READ | _DATE | _CLOCK | {"date", "time", "timetz", "timestamp", "utctimetuple",
                                                    "astimezone"},
     datetime.time: _READ | _CLOCK,
     datetime.timedelta: _READ | {"total_seconds"},
     datetime.timezone: _READ | {"utcoffset", "tzname", "dst"},
-    decimal.Decimal: _READ | {"adjusted", "as_integer_ratio", "as_tuple", "copy_abs", "copy_negate",
-                              "is_finite", "is_infinite", "is_nan", "is_signed", "is_zero", "normalize"},
+    # not __int__/as_integer_ratio: quadratic in the exponent, with the GIL held
+    decimal.Decimal: (_READ - {"__int__"}) | {"adjusted", "as_tuple", "copy_abs", "copy_negate", "is_finite",
+                                              "is_infinite", "is_nan", "is_signed", "is_zero", "normalize"},
 }
 # Read-only access to builtin containers, for objects of exactly these types (a subclass may
 # run code of its own from them: defaultdict's __missing__ inserts).
@@ -185,10 +189,20 @@ def _code(fn, depth=0):
         if wrapped is None:
             raise _Unknown("an lru_cache wrapper without __wrapped__")
         return _code(wrapped, depth + 1)
-    owner, attr = _static_lookup(kind, "__call__")  # any other callable object
-    if type(attr) is types.FunctionType:
-        return _code(attr, depth + 1)
-    return _class_module(owner), f"{_type_qualname(owner)}.__call__", owner, "__call__"
+    owner, attr = _static_lookup(kind, "__call__")  # any other callable object: its class's __call__
+    return _attribute_code(owner, "__call__", attr, depth + 1)
+
+
+def _attribute_code(owner, name, attr, depth):
+    """The code behind the raw class attribute `attr` (found on `owner`) when it is called:
+    a C slot or method is its `__objclass__`'s; anything else (a function, a staticmethod's
+    function, a C function of a module a class stored, a partial) is resolved by `_code`."""
+    if type(attr) in (staticmethod, classmethod):
+        return _code(attr.__func__, depth + 1)
+    if type(attr) in _C_DESCRIPTORS:
+        objclass = attr.__objclass__
+        return _class_module(objclass), f"{_type_qualname(objclass)}.{name}", objclass, name
+    return _code(attr, depth + 1)
 
 
 def _cython_globals(kind):
@@ -223,14 +237,27 @@ def _class_code(cls):
             attr = attr.__func__
         if type(attr) is types.FunctionType and name == "__new__" and _namedtuple_new(attr):
             continue
-        if type(attr) in _C_DESCRIPTORS or type(attr) is types.BuiltinFunctionType:
+        if type(attr) is types.BuiltinFunctionType and _builtin_self(attr) is owner:
+            # tp_new of a C type (`__new__` is a builtin bound to the type): the type's code
             if owner is not cls and _class_module(owner) == "builtins":
-                continue  # a builtin base's constructor initializes a subclass's instance
-            # a C type's own constructor: its module is the class's (tp_name)
+                continue  # a builtin base allocates a subclass's instance
             pieces.append((_class_module(owner), f"{_type_qualname(owner)}.{name}", owner, name))
-        else:
-            pieces.append(_code(attr))
+            continue
+        piece = _attribute_code(owner, name, attr, 1)
+        if piece[2] is not None and piece[2] is not cls and piece[0] == "builtins":
+            continue  # a builtin base's slot initializes a subclass's instance
+        pieces.append(piece)
     return pieces
+
+
+def _class_origin(cls):
+    """The module a class that runs no code of its own when called comes from: that of its
+    own Python functions when it has any (its `__module__` can be set to anything), else the
+    module CPython records."""
+    modules = {_code(v)[0] for v in _type_dict(cls).values() if type(v) is types.FunctionType}
+    if len(modules) > 1:
+        raise _Unknown(f"class {_type_qualname(cls)} holds functions of several modules: {sorted(modules)}")
+    return modules.pop() if modules else _class_module(cls)
 
 
 def defining_module(fn):
@@ -238,7 +265,7 @@ def defining_module(fn):
     try:
         if isinstance(fn, type):
             pieces = _class_code(fn)
-            return pieces[0][0] if pieces else _class_module(fn)
+            return pieces[0][0] if pieces else _class_origin(fn)
         return _code(fn)[0]
     except _Unknown:
         return None
@@ -289,7 +316,7 @@ def check_call(rules, user, fn, reached, what):
         if isinstance(fn, type):
             pieces = _class_code(fn)
             if not pieces:  # only allocation: the class itself must come from an allowed module
-                pieces = [(_class_module(fn), _type_qualname(fn), None, None)]
+                pieces = [(_class_origin(fn), _type_qualname(fn), None, None)]
         else:
             pieces = [_code(fn)]
     except _Unknown as e:

@@ -119,6 +119,12 @@ _CODE_MODULES = ("__main__", "dill", "dill._dill")
 _CODE_GLOBALS = {("__builtin__", "__main__"), ("builtins", "getattr"), ("builtins", "setattr")}
 _DILL_DATA = {"_create_array", "_load_type", "_eval_repr"}
 
+# Containers whose items the argument check looks into; types that are data when passed as
+# values (dtype=float), not code to run.
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+_PLAIN_TYPE_VALUES = (int, float, complex, bool, str, bytes, type(None))
+_PLAIN_TYPE_VALUES_SET = frozenset({int, float, complex, bool, str, type(None), type(...), type(NotImplemented)})
+
 # Dunder names any user may use in a chain; the others (__globals__, __class__, __dict__,
 # __subclasses__, __reduce__...) lead to interpreter internals and need 'builtins' rights.
 SAFE_DUNDERS = frozenset({
@@ -343,9 +349,18 @@ def _fraction_cost(args, kwargs, what):
 
 
 def _decimal_cost(args, kwargs, what):
+    # Decimal(int) is quadratic; Decimal(str) is linear itself, but a huge exponent makes the
+    # value's int() quadratic later ("1e999999999" is 11 bytes).
     value = args[0] if args else kwargs.get("value")
-    if isinstance(value, int):  # Decimal(str) is linear, Decimal(int) quadratic
+    if isinstance(value, int):
         _check_digits(value, what)
+    elif isinstance(value, str):  # many digits are fine (linear); an exponent is not
+        exponent = re.search(r"[eE]\s*[-+]?([\d_]+)", value)
+        digits = exponent.group(1).replace("_", "").lstrip("0") if exponent else ""
+        if len(digits) > 6 or (digits and int(digits) > _MAX_DIGITS):
+            raise _Refused(f"{what}: a decimal exponent beyond {_MAX_DIGITS}")
+    elif isinstance(value, tuple) and len(value) == 3 and isinstance(value[2], int) and abs(value[2]) > _MAX_DIGITS:
+        raise _Refused(f"{what}: a decimal exponent beyond {_MAX_DIGITS}")
     return 0
 
 
@@ -1519,8 +1534,8 @@ class Executor:
             return value
         if not ctx.builtins and not is_builtin and callable(value) and type(value) is not _StubCall:
             _capability.check_call(ctx.rules, ctx.user, value, reached, repr(name))  # before its arguments run
-        args = [self._argument(ctx, a) for a in c.args]
-        kwargs = {k: self._argument(ctx, v) for k, v in (c.kwargs or {}).items()}
+        args = [self._argument(ctx, a, reached) for a in c.args]
+        kwargs = {k: self._argument(ctx, v, reached) for k, v in (c.kwargs or {}).items()}
         is_self = lambda a: isinstance(a, self._Self)  # noqa: E731
         if is_builtin:  # demo.LIST.len(Self) == len(demo.LIST)
             args = [obj if is_self(a) else a for a in args]
@@ -1536,11 +1551,30 @@ class Executor:
         self._check_reached(ctx, result)
         return result
 
-    def _argument(self, ctx, value):
+    def _argument(self, ctx, value, reached):
         if isinstance(value, self._RpcClient):  # a lazy chain: resolve it first, same user and rules
             state = vars(value)
             return self._resolve(ctx, state["_module"], state["_calls"], as_argument=True)
+        if not ctx.builtins:
+            self._check_callable_values(ctx, value, reached)
         return value
+
+    def _check_callable_values(self, ctx, value, reached):
+        """The function a value is passed to may call it: a callable among the request's values
+        (a pickled global, an instance with __call__, also inside lists, tuples, dicts and sets)
+        needs the same capability as a call. Plain scalar types (`dtype=float`) are data."""
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            kind = type(v)
+            if kind in _CONTAINERS:
+                stack.extend(v.items() if kind is dict else v)
+            elif kind in _PLAIN_TYPE_VALUES or isinstance(v, (self._RpcClient, self._RpcCall, self._Self)):
+                continue
+            elif not callable(v) or (isinstance(v, type) and v in _PLAIN_TYPE_VALUES_SET):
+                continue
+            else:
+                _capability.check_call(ctx.rules, ctx.user, v, reached, f"a {kind.__name__} passed as an argument")
 
 
 # ---------------------------------------------------------------------------

@@ -115,7 +115,7 @@ pub(crate) fn from_py(py: Python<'_>, obj: &Bound<'_, PyAny>, depth: usize) -> P
         return Ok(Value::Float(obj.extract()?));
     }
     if let Ok(s) = obj.cast_exact::<PyString>() {
-        return Ok(Value::Str(s.to_str()?.to_owned()));
+        return Ok(Value::Str(s.to_cow()?.into_owned()));
     }
     if let Ok(b) = obj.cast_exact::<PyBytes>() {
         return Ok(Value::Bytes(ByteBuf::from(b.as_bytes().to_vec())));

@@ -71,13 +71,27 @@ fn venv_site_packages(venv: &Path) -> Result<(PathBuf, String), StartError> {
     Err(StartError::Venv(venv.display().to_string(), "no lib/pythonX.Y/site-packages".into()))
 }
 
+/// Which interpreter the executor runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// One this process embeds (the `ksrpc-server` binary): started here,
+    /// with the configured venv and `sys.executable` set to a real python.
+    Embedded,
+    /// The interpreter that imported the `ksrpc_rs` extension: its
+    /// `sys.executable`, site-packages and `sys.modules` are used as they are.
+    Extension,
+}
+
 /// Starts the interpreter (a no-op when already running, e.g. when loaded
 /// into a Python process), sets up `sys.path` and returns the executor
 /// object of `ksrpc_executor.py`.
-pub fn start(config: &PythonConfig) -> Result<Py<PyAny>, StartError> {
+pub fn start(config: &PythonConfig, host: Host) -> Result<Py<PyAny>, StartError> {
     Python::initialize();
     let bundle = install_bundle()?;
-    let venv = config.venv.clone().or_else(|| std::env::var_os("VIRTUAL_ENV").map(PathBuf::from));
+    let venv = match host {
+        Host::Embedded => config.venv.clone().or_else(|| std::env::var_os("VIRTUAL_ENV").map(PathBuf::from)),
+        Host::Extension => None,
+    };
     Python::attach(|py| {
         let py_err = |e: PyErr| StartError::Python(describe(py, &e));
         let sys = py.import("sys").map_err(py_err)?;
@@ -104,7 +118,7 @@ pub fn start(config: &PythonConfig) -> Result<Py<PyAny>, StartError> {
             .as_ref()
             .map(|v| v.join("bin/python"))
             .or_else(|| option_env!("KSRPC_BUILD_PYTHON").map(PathBuf::from))
-            .filter(|p| p.exists());
+            .filter(|p| host == Host::Embedded && p.exists());
         if let Some(exe) = executable {
             sys.setattr("executable", exe.to_string_lossy().as_ref()).map_err(py_err)?;
         }
@@ -119,7 +133,7 @@ pub fn start(config: &PythonConfig) -> Result<Py<PyAny>, StartError> {
         let version: String = sys.getattr("version").and_then(|v| v.extract()).map_err(py_err)?;
         let executable: String = sys.getattr("executable").and_then(|v| v.extract()).unwrap_or_default();
         let paths: Vec<String> = path.extract().map_err(py_err)?;
-        tracing::info!(python = %version.replace('\n', " "), executable = %executable, "embedded Python started");
+        tracing::info!(python = %version.replace('\n', " "), executable = %executable, ?host, "Python ready");
         tracing::info!(sys_path = ?paths, "sys.path");
 
         let module = py.import("ksrpc_executor").map_err(py_err)?;

@@ -22,6 +22,7 @@ pub mod interp;
 mod pool;
 
 pub use config::PythonConfig;
+pub use interp::Host;
 pub use pool::PyExecutor;
 
 /// Errors of starting the executor.
@@ -40,6 +41,10 @@ pub enum StartError {
         /// The embedded Python version.
         ours: String,
     },
+    /// `python.venv` was set for a server running inside a Python process,
+    /// whose packages are its own.
+    #[error("python.venv = {0:?} makes no sense when the server runs inside your Python process: install packages into this interpreter (or start the `ksrpc-server` binary with that venv)")]
+    HostVenv(String),
     /// Writing the bundled Python package to disk failed.
     #[error("installing the bundled ksrpc package: {0}")]
     Io(#[from] std::io::Error),

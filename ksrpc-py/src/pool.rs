@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::os::raw::{c_long, c_ulong};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
@@ -22,6 +24,7 @@ use pyo3::types::PyBytes;
 use tokio::sync::oneshot;
 
 use crate::gate::Gate;
+use crate::interp::Host;
 use crate::interp::{self, describe};
 use crate::{PythonConfig, StartError};
 
@@ -108,6 +111,14 @@ struct Shared {
     workers: AtomicUsize,
     shutting_down: AtomicBool,
     gate: Arc<Gate>,
+    /// Dropped by [`PyExecutor::join`]: every pool and control thread
+    /// waiting on it then ends.
+    stop: Mutex<Option<Sender<()>>>,
+    stopped: Receiver<()>,
+    /// Every thread the pool started (they attach to the interpreter).
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// When the last call started or ended (for idle stops).
+    last_activity: Mutex<Instant>,
 }
 
 /// The embedded-CPython executor. Cheap to clone.
@@ -124,11 +135,28 @@ impl std::fmt::Debug for PyExecutor {
 }
 
 impl PyExecutor {
-    /// Starts the interpreter, the thread pool and the control thread.
+    /// Starts the embedded interpreter (when this process has none yet),
+    /// the thread pool and the control thread.
     pub fn start(config: PythonConfig) -> Result<Self, StartError> {
-        let executor = interp::start(&config)?;
+        Self::start_in(config, Host::Embedded)
+    }
+
+    /// Starts the pool inside the interpreter that loaded us (the Python
+    /// extension): `sys.executable` and the venv are the host's own, so
+    /// `python.venv` is refused. Call it while attached; the pool's threads
+    /// take the GIL whenever the host lets go of it.
+    pub fn start_in_host(config: PythonConfig) -> Result<Self, StartError> {
+        if let Some(venv) = &config.venv {
+            return Err(StartError::HostVenv(venv.display().to_string()));
+        }
+        Self::start_in(config, Host::Extension)
+    }
+
+    fn start_in(config: PythonConfig, host: Host) -> Result<Self, StartError> {
+        let executor = interp::start(&config, host)?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let shared = Arc::new(Shared {
             executor,
             config,
@@ -140,13 +168,45 @@ impl PyExecutor {
             workers: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             gate: Gate::new(1)?,
+            stop: Mutex::new(Some(stop_tx)),
+            stopped: stop_rx,
+            threads: Mutex::new(Vec::new()),
+            last_activity: Mutex::new(Instant::now()),
         });
         for _ in 0..shared.config.threads.max(1) {
             spawn_worker(&shared)?;
         }
         let s = shared.clone();
-        std::thread::Builder::new().name("ksrpc-py-control".into()).spawn(move || control_loop(&s, &control_rx))?;
+        let control =
+            std::thread::Builder::new().name("ksrpc-py-control".into()).spawn(move || control_loop(&s, &control_rx))?;
+        shared.threads.lock().expect("threads poisoned").push(control);
         Ok(PyExecutor { shared, jobs: jobs_tx })
+    }
+
+    /// Ends the pool and control threads once their current call (if any)
+    /// returns, waiting up to `grace` for them; returns how many are still
+    /// running then (blocked in C: a Python thread cannot be killed). Call
+    /// [`close`](Self::close) first, and never while attached to the
+    /// interpreter: an ending thread takes the GIL one last time.
+    pub fn join(&self, grace: Duration) -> usize {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        drop(self.shared.stop.lock().expect("stop poisoned").take());
+        let deadline = Instant::now() + grace;
+        let mut threads = std::mem::take(&mut *self.shared.threads.lock().expect("threads poisoned"));
+        while Instant::now() < deadline && threads.iter().any(|t| !t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (done, stuck): (Vec<_>, Vec<_>) = threads.drain(..).partition(JoinHandle::is_finished);
+        for t in done {
+            let _ = t.join();
+        }
+        stuck.len()
+    }
+
+    /// How long no call has been running (`None` while one is).
+    pub fn idle_for(&self) -> Option<Duration> {
+        let busy = !self.shared.per_user.lock().expect("per-user map poisoned").is_empty();
+        (!busy).then(|| self.shared.last_activity.lock().expect("activity poisoned").elapsed())
     }
 
     /// Stops accepting calls and shuts the asyncio loop down. Calls already
@@ -170,7 +230,9 @@ fn spawn_worker(shared: &Arc<Shared>) -> std::io::Result<()> {
     let n = shared.workers.fetch_add(1, Ordering::SeqCst);
     let slot = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let s = shared.clone();
-    std::thread::Builder::new().name(format!("ksrpc-py-{n}")).spawn(move || worker_loop(&s, slot)).map(drop)
+    let thread = std::thread::Builder::new().name(format!("ksrpc-py-{n}")).spawn(move || worker_loop(&s, slot))?;
+    shared.threads.lock().expect("threads poisoned").push(thread);
+    Ok(())
 }
 
 fn worker_loop(shared: &Shared, slot: u64) {
@@ -190,9 +252,12 @@ fn worker_loop(shared: &Shared, slot: u64) {
                     shared.gate.enter(slot);
                     inside = true;
                 }
-                shared.jobs.recv()
+                crossbeam_channel::select! {
+                    recv(shared.jobs) -> job => job.ok(),
+                    recv(shared.stopped) -> _ => None,
+                }
             });
-            let Ok(job) = job else {
+            let Some(job) = job else {
                 shared.gate.leave(slot);
                 return;
             };
@@ -326,7 +391,11 @@ fn run_compat(
 }
 
 fn control_loop(shared: &Arc<Shared>, rx: &Receiver<Control>) {
-    while let Ok(msg) = rx.recv() {
+    loop {
+        let msg = crossbeam_channel::select! {
+            recv(rx) -> msg => match msg { Ok(msg) => msg, Err(_) => return },
+            recv(shared.stopped) -> _ => return,
+        };
         let (id, timeout) = match msg {
             Control::Timeout(id) => (id, true),
             Control::Cancel(id) => (id, false),
@@ -373,6 +442,7 @@ impl Drop for CallGuard<'_> {
             self.cancelled.store(true, Ordering::SeqCst);
             let _ = self.shared.control.send(Control::Cancel(self.id));
         }
+        *self.shared.last_activity.lock().expect("activity poisoned") = Instant::now();
         let mut per_user = self.shared.per_user.lock().expect("per-user map poisoned");
         if let Some(n) = per_user.get_mut(self.user) {
             *n -= 1;
@@ -405,6 +475,7 @@ impl PyExecutor {
             }
             *n += 1;
         }
+        *shared.last_activity.lock().expect("activity poisoned") = Instant::now();
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let cancelled = Arc::new(AtomicBool::new(false));
         let mut guard = CallGuard { shared, user: &user.name, id, cancelled: cancelled.clone(), finished: false };

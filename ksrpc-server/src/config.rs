@@ -188,12 +188,25 @@ pub struct Overrides {
 impl Config {
     /// Loads the layers in order. `file` comes from `--config` or `KSRPC_CONFIG`.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config> {
+        Config::load_layers(file, None, overrides)
+    }
+
+    /// Loads the layers in order, with `values` (a JSON object shaped like
+    /// the file: `ksrpc_rs.serve(config={...})`) merged over the file.
+    pub fn load_layers(file: Option<&Path>, values: Option<&str>, overrides: &Overrides) -> Result<Config> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.exists() {
                 bail!("config file {} does not exist", file.display());
             }
             fig = fig.merge(Toml::file_exact(file));
+        }
+        if let Some(values) = values {
+            let values: serde_json::Value = serde_json::from_str(values).context("config values are not JSON")?;
+            if !values.is_object() {
+                bail!("the config values must be a mapping of sections");
+            }
+            fig = fig.merge(Serialized::defaults(values));
         }
         // Only section keys (`KSRPC_SECTION__KEY`): other KSRPC_* variables
         // (KSRPC_CONFIG, the CLI's KSRPC_CLIENT_*) are not config keys.
@@ -347,6 +360,26 @@ rules = ["allow ksrpc.server.demo", "allow bench_mod", "deny os", "deny builtins
             std::fs::write(&file, bad).unwrap();
             assert!(Config::load(Some(&file), &Overrides::default()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn values_merge_over_the_file_and_unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[server]\nport = 1\npath = \"/x\"\n").unwrap();
+        let c = Config::load_layers(Some(&file), Some(r#"{"server": {"port": 3}}"#), &Overrides::default()).unwrap();
+        assert_eq!((c.server.port, c.server.path.as_str()), (3, "/x"));
+        let err = Config::load_layers(None, Some(r#"{"server": {"prot": 3}}"#), &Overrides::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("prot"), "{err:#}");
+        assert!(Config::load_layers(None, Some("[1]"), &Overrides::default()).is_err());
+        // flags still win over the values
+        let c = Config::load_layers(
+            None,
+            Some(r#"{"server": {"port": 3}}"#),
+            &Overrides { port: Some(4), ..Overrides::default() },
+        )
+        .unwrap();
+        assert_eq!(c.server.port, 4);
     }
 
     #[test]

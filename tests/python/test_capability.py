@@ -24,35 +24,16 @@ import pytest
 
 from ksrpc.client import RpcClient, Self
 
+import chain_text
 from ksrpc_testlib import run
 
 TABLE = json.loads(pathlib.Path(__file__).with_name("capability_table.json").read_text())
 
 
-def _ops(node):
-    """A postfix chain as [("name", root), ("attr", n) | ("call", args, kwargs) | ("item", key)...]."""
-    ops = []
-    while True:
-        if isinstance(node, ast.Attribute):
-            ops.append(("attr", node.attr))
-            node = node.value
-        elif isinstance(node, ast.Call):
-            ops.append(("call", node.args, node.keywords))
-            node = node.func
-        elif isinstance(node, ast.Subscript):
-            ops.append(("item", node.slice))
-            node = node.value
-        elif isinstance(node, ast.Name):
-            ops.append(("name", node.id))
-            return ops[::-1]
-        else:
-            raise ValueError(f"not a chain: {ast.dump(node)}")
-
-
 def _value(conn, node):
     if isinstance(node, ast.Name) and node.id == "Self":
         return Self
-    if isinstance(node, (ast.Attribute, ast.Call, ast.Subscript)):
+    if chain_text.is_chain(node):
         return _chain(conn, node, None)
     if isinstance(node, (ast.List, ast.Tuple)):
         items = [_value(conn, e) for e in node.elts]
@@ -64,15 +45,7 @@ def _value(conn, node):
 
 def _chain(conn, node, module):
     """A lazy RpcClient for `node`; `module` None means: the leading dotted path names it."""
-    ops = _ops(node)
-    if module is None:
-        names = []
-        while ops and ops[0][0] in ("name", "attr"):
-            names.append(ops.pop(0)[1])
-        module, first = ".".join(names[:-1]), names[-1]
-        ops.insert(0, ("attr", first))
-    else:
-        ops.pop(0)  # the placeholder root
+    module, ops = chain_text.rooted(node, module)
     client, previous = RpcClient(module, conn, lazy=True), "attr"
     for op in ops:
         if op[0] == "attr":
@@ -90,8 +63,7 @@ def _chain(conn, node, module):
 
 
 def build(conn, row, marker):
-    text = row["chain"].replace("{marker}", str(marker))
-    return _chain(conn, ast.parse("_ROW_MODULE_." + text, mode="eval").body, row["module"])
+    return _chain(conn, chain_text.parse_row(row, marker), row["module"])
 
 
 def check(expect, err, row):

@@ -89,16 +89,24 @@ fn start_original(env: &Env, venv_python: &Path, dir: &Path) -> Result<(Original
     bail!("the original server did not start; see {}", dir.join("original.log").display())
 }
 
-fn our_config(env: &Env, dir: &Path) -> Result<PathBuf> {
-    let file = dir.join("ours.toml");
+/// Our config; `embedded`: the binary's (venv and module path), else the
+/// wheel's (its interpreter has the packages; modules come by PYTHONPATH).
+fn our_config(env: &Env, dir: &Path, embedded: bool) -> Result<PathBuf> {
+    let file = dir.join(if embedded { "ours.toml" } else { "ours-wheel.toml" });
+    let python = if embedded {
+        format!(
+            "[python]\nvenv = \"{}\"\npath = [\"{}\"]\n",
+            env.server_venv.display(),
+            root().join("tests/python/server_modules").display()
+        )
+    } else {
+        String::new()
+    };
     std::fs::write(
         &file,
         format!(
             "[server]\nhost = \"127.0.0.1\"\nport = 0\npath = \"/api/v1\"\ntimestamp_window = 30.0\n\n\
-             [users.{USER}]\npassword = \"{PASSWORD}\"\nrules = [\"allow *\"]\n\n\
-             [python]\nvenv = \"{}\"\npath = [\"{}\"]\n",
-            env.server_venv.display(),
-            root().join("tests/python/server_modules").display()
+             [users.{USER}]\npassword = \"{PASSWORD}\"\nrules = [\"allow *\"]\n\n{python}"
         ),
     )?;
     Ok(file)
@@ -431,8 +439,11 @@ pub fn run(args: &[String]) -> Result<()> {
     anyhow::ensure!(status.success(), "building the server failed");
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    let ours_server =
-        Server::start(&env.target_dir.join("release/ksrpc-server"), &our_config(&env, &dir)?, dir.join("ours.log"))?;
+    let ours_server = Server::start(
+        &env.target_dir.join("release/ksrpc-server"),
+        &our_config(&env, &dir, true)?,
+        dir.join("ours.log"),
+    )?;
     let (orig_server, orig_url) = start_original(&env, &orig_python, &dir)?;
     let targets = [
         Target { url: orig_url, pid: orig_server.child.id() },
@@ -580,6 +591,65 @@ pub fn run(args: &[String]) -> Result<()> {
         ours: blocking[1]["add_during_block_ms"].as_f64().unwrap_or(f64::NAN),
         higher_better: false,
     });
+    // The wheel (`python -m ksrpc_rs`, calls in the host interpreter) against
+    // the binary, same workloads, same run: (a), (b) and (d).
+    drop(orig_server);
+    eprintln!("==> the wheel server");
+    let wheel_python = crate::wheel::bench_python(&env)?;
+    let wheel_kind = crate::suite::Kind::Wheel(wheel_python);
+    let wheel_server = wheel_kind.start(&our_config(&env, &dir, false)?, dir.join("wheel.log"))?;
+    let mut wheel_rows = Vec::new();
+    let binary_of = |name: &str| rows.iter().find(|r| r.name == name).map_or(f64::NAN, |r| r.ours);
+    let mut wheel_row = |name: String, unit: &'static str, higher_better: bool, value: f64| {
+        eprintln!("    {name}: binary {:.3} {unit}, wheel {value:.3} {unit}", binary_of(&name));
+        wheel_rows.push(Row { original: binary_of(&name), name, unit, ours: value, higher_better });
+    };
+    for transport in ["http", "ws"] {
+        let opts = json!({"transport": transport, "mb": mb, "repeat": plan.repeat});
+        let v = client(&env, "download_array", &wheel_server.url, &opts)?;
+        wheel_row(
+            format!("(a) download {mb} MB float64 array, {transport}"),
+            "s",
+            false,
+            v["seconds"].as_f64().unwrap_or(f64::NAN),
+        );
+        let opts = json!({"transport": transport, "rows": rows_n, "repeat": 1});
+        let v = client(&env, "download_frame", &wheel_server.url, &opts)?;
+        wheel_row(
+            format!("(b) download {rows_n}-row market DataFrame, {transport}"),
+            "s",
+            false,
+            v["seconds"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    for conns in [1usize, 16, 64] {
+        let v = load(&wheel_server.url, &body, conns, plan.seconds)?;
+        wheel_row(
+            format!("(d) add(1, 2) at {conns} connections (Rust load generator)"),
+            "req/s",
+            true,
+            v["rps"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    drop(wheel_server);
+    let mut wheel_table = String::from(
+        "| workload | binary | wheel (python -m ksrpc_rs) | wheel vs binary |\n| --- | ---: | ---: | ---: |\n",
+    );
+    for r in &wheel_rows {
+        let ratio = if r.higher_better { r.ours / r.original } else { r.original / r.ours };
+        wheel_table.push_str(&format!(
+            "| {} | {:.2} {} | {:.2} {} | {ratio:.2} |\n",
+            r.name, r.original, r.unit, r.ours, r.unit
+        ));
+    }
+    raw.insert(
+        "(w) wheel vs binary".into(),
+        json!(wheel_rows
+            .iter()
+            .map(|r| json!({"name": r.name, "binary": r.original, "wheel": r.ours}))
+            .collect::<Vec<_>>()),
+    );
+
     let mut table =
         String::from("| workload | original 0.8.1 | ours | ours vs original |\n| --- | ---: | ---: | ---: |\n");
     for r in &rows {
@@ -599,14 +669,14 @@ pub fn run(args: &[String]) -> Result<()> {
         "ksrpc bench ({}), {cpus} cores, Python 3.12 client and servers, loopback\n\n",
         if quick { "--quick" } else { "full" }
     );
+    let wheel_header = "\nThe wheel against the binary (ratio: >= 1 is as fast as the binary or faster)\n\n";
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{header}{table}")?;
-    std::fs::write(dir.join("bench.md"), format!("{header}{table}"))?;
+    writeln!(out, "{header}{table}{wheel_header}{wheel_table}")?;
+    std::fs::write(dir.join("bench.md"), format!("{header}{table}{wheel_header}{wheel_table}"))?;
     std::fs::write(
         dir.join("bench.json"),
         serde_json::to_string_pretty(&json!({"quick": quick, "cores": cpus, "results": raw}))?,
     )?;
     eprintln!("wrote {} and bench.json", dir.join("bench.md").display());
-    drop(orig_server);
     Ok(())
 }

@@ -10,6 +10,7 @@ mod python;
 mod rust_client;
 mod suite;
 mod test;
+mod wheel;
 
 use anyhow::{bail, Result};
 
@@ -19,6 +20,10 @@ fn main() -> Result<()> {
         Some("test") => test::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("fuzz") => test::fuzz(&args[1..]),
+        Some("wheel") => {
+            let env = test::Env::prepare()?;
+            wheel::build(&env).map(drop)
+        }
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -29,7 +34,8 @@ fn main() -> Result<()> {
          \
                         (--quick for a smoke run); table on stdout, JSON in target/bench/
   \
-                 fuzz   run each cargo-fuzz target for a bounded time (not in CI)"
+                 fuzz   run each cargo-fuzz target for a bounded time (not in CI)\n  \
+                 wheel  build the ksrpc-rs wheel (maturin, abi3, manylinux2014) into target/wheels/"
             );
             bail!("unknown or missing command")
         }

@@ -36,8 +36,14 @@ impl Drop for Server {
 impl Server {
     /// Starts `binary` with `config` and waits for its "listening on" line.
     pub fn start(binary: &Path, config: &Path, log: PathBuf) -> Result<Server> {
+        Server::start_command(Command::new(binary), config, log)
+    }
+
+    /// Starts `command --config CONFIG` (the binary, or `python -m ksrpc_rs`)
+    /// and waits for its "listening on" line.
+    pub fn start_command(mut command: Command, config: &Path, log: PathBuf) -> Result<Server> {
         let log_file = std::fs::File::create(&log)?;
-        let mut child = Command::new(binary)
+        let mut child = command
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")
@@ -45,7 +51,7 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+            .with_context(|| format!("starting {command:?}"))?;
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -82,11 +88,48 @@ fn random_password() -> String {
     format!("pw-{:x}-{}", t.as_nanos(), std::process::id())
 }
 
+/// What serves the suite: the binary with its embedded interpreter, or the
+/// wheel's `python -m ksrpc_rs` (whose packages are its own interpreter's,
+/// and the test modules come by `PYTHONPATH`).
+#[derive(Clone, Debug)]
+pub enum Kind {
+    /// `ksrpc-server` built by cargo, with the server venv.
+    Binary(PathBuf),
+    /// The python of a venv the wheel is installed in.
+    Wheel(PathBuf),
+}
+
+impl Kind {
+    /// The server process for `config`, started and waited for.
+    pub fn start(&self, config: &Path, log: PathBuf) -> Result<Server> {
+        match self {
+            Kind::Binary(binary) => Server::start(binary, config, log),
+            Kind::Wheel(python) => {
+                let mut cmd = Command::new(python);
+                cmd.args(["-m", "ksrpc_rs"]).env("PYTHONPATH", server_modules());
+                Server::start_command(cmd, config, log)
+            }
+        }
+    }
+}
+
+fn server_modules() -> PathBuf {
+    root().join("tests/python/server_modules")
+}
+
 /// Writes the suite's server config: `admin` (everything, code allowed)
 /// and `limited` (the demo, bench and `capsdk` test modules only; the same
 /// rules as the native capability test in `ksrpc-server/tests/client.rs`).
-pub fn write_config(dir: &Path, env: &Env, path: &str, admin: &str, limited: &str) -> Result<PathBuf> {
+pub fn write_config(dir: &Path, env: &Env, kind: &Kind, path: &str, admin: &str, limited: &str) -> Result<PathBuf> {
     let file = dir.join(format!("config{}.toml", path.replace(['/', '{', '}'], "_")));
+    // The binary embeds Python and is told where the packages are; the wheel
+    // runs in its venv's interpreter, which already has them.
+    let python_paths = match kind {
+        Kind::Binary(_) => {
+            format!("venv = \"{}\"\npath = [\"{}\"]\n", env.server_venv.display(), server_modules().display())
+        }
+        Kind::Wheel(_) => String::new(),
+    };
     let text = format!(
         r#"[server]
 host = "127.0.0.1"
@@ -106,13 +149,9 @@ rules = ["allow ksrpc.server.demo", "allow bench_mod", "allow capsdk", "deny cap
 call_timeout = 60.0
 
 [python]
-venv = "{venv}"
-path = ["{modules}"]
-threads = 8
+{python_paths}threads = 8
 allow_code = true
-"#,
-        venv = env.server_venv.display(),
-        modules = root().join("tests/python/server_modules").display(),
+"#
     );
     std::fs::write(&file, text)?;
     Ok(file)
@@ -125,15 +164,21 @@ pub fn run(env: &Env) -> Result<(u64, u64, u64)> {
         bail!("building ksrpc-server failed");
     }
     let binary = env.target_dir.join("debug/ksrpc-server");
-    let dir = root().join("target/xtask/suite");
+    run_against(env, &Kind::Binary(binary), "suite", &[])
+}
+
+/// Runs the real-client suite (or the tests `-k` selects) against a server
+/// of `kind`; `name` keeps its files apart from other runs.
+pub fn run_against(env: &Env, kind: &Kind, name: &str, select: &[&str]) -> Result<(u64, u64, u64)> {
+    let dir = root().join("target/xtask").join(name);
     std::fs::create_dir_all(&dir)?;
     let markers = dir.join("markers");
     std::fs::create_dir_all(&markers)?;
     let (admin, limited) = (random_password(), random_password() + "-l");
-    let main_cfg = write_config(&dir, env, "/api/v1", &admin, &limited)?;
-    let dyn_cfg = write_config(&dir, env, "/api/v1/{time}", &admin, &limited)?;
-    let server = Server::start(&binary, &main_cfg, dir.join("server.log"))?;
-    let dynamic = Server::start(&binary, &dyn_cfg, dir.join("server-dynamic.log"))?;
+    let main_cfg = write_config(&dir, env, kind, "/api/v1", &admin, &limited)?;
+    let dyn_cfg = write_config(&dir, env, kind, "/api/v1/{time}", &admin, &limited)?;
+    let server = kind.start(&main_cfg, dir.join("server.log"))?;
+    let dynamic = kind.start(&dyn_cfg, dir.join("server-dynamic.log"))?;
     eprintln!("    servers at {} and {}", server.url, dynamic.url);
     let envs = [
         ("KSRPC_TEST_URL", server.url.clone()),
@@ -145,7 +190,11 @@ pub fn run(env: &Env) -> Result<(u64, u64, u64)> {
         ("KSRPC_TEST_MARKER_DIR", markers.display().to_string()),
         ("PYTHONDONTWRITEBYTECODE", "1".to_owned()),
     ];
-    let result = pytest(&env.client_python, &[root().join("tests/python")], &envs, "client");
+    let mut paths = vec![root().join("tests/python")];
+    if !select.is_empty() {
+        paths = select.iter().map(|s| root().join("tests/python").join(s)).collect();
+    }
+    let result = pytest(&env.client_python, &paths, &envs, name);
     if !matches!(result, Ok((_, 0, _))) {
         let log = server.log();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();

@@ -7,7 +7,6 @@ table are `tests/python/test_capability.py` (the 0.8.1 client) and
 `ksrpc-server/tests/client.rs` (the native protocol). Needs numpy and pandas (the server venv).
 """
 import ast
-import fnmatch
 import functools
 import json
 import operator
@@ -23,6 +22,7 @@ HERE = pathlib.Path(__file__).resolve()
 ROOT = HERE.parents[3]
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(ROOT / "tests/python/server_modules"))
+sys.path.insert(0, str(ROOT / "tests/python"))
 
 import ksrpc_capability as cap  # noqa: E402
 import ksrpc_executor as kx  # noqa: E402
@@ -30,25 +30,10 @@ from ksrpc.client import RpcCall, RpcClient, Self  # noqa: E402
 
 import capsdk  # noqa: E402
 import capsdk_foreign  # noqa: E402
+import chain_text  # noqa: E402
+from rules_fake import Rules  # noqa: E402
 
 TABLE = json.loads((ROOT / "tests/python/capability_table.json").read_text())
-
-
-class Rules:
-    """Ordered (pattern, allowed) pairs, first match wins, as ksrpc_core::rules."""
-
-    def __init__(self, *pairs):
-        self.pairs = pairs
-
-    def allows(self, name):
-        rule = self.first_match(name)
-        return rule is not None and rule[1]
-
-    def first_match(self, name):
-        for pattern, allowed in self.pairs:
-            if fnmatch.fnmatchcase(name, pattern):
-                return pattern, allowed
-        return None
 
 
 LIMITED = Rules(("ksrpc.server.demo", True), ("bench_mod", True), ("capsdk", True), ("capsdk.secret*", False),
@@ -56,28 +41,11 @@ LIMITED = Rules(("ksrpc.server.demo", True), ("bench_mod", True), ("capsdk", Tru
 STAR = Rules(("*", True))
 
 
-# ---- the table's chains as stand-in RpcCall lists (the CLI's expression conventions) --------------
-def _ops(node):
-    ops = []
-    while not isinstance(node, ast.Name):
-        if isinstance(node, ast.Attribute):
-            ops.append(("attr", node.attr))
-            node = node.value
-        elif isinstance(node, ast.Call):
-            ops.append(("call", node.args, node.keywords))
-            node = node.func
-        elif isinstance(node, ast.Subscript):
-            ops.append(("item", node.slice))
-            node = node.value
-        else:
-            raise ValueError(ast.dump(node))
-    return [("name", node.id)] + ops[::-1]
-
-
+# ---- the table's chains as stand-in RpcCall lists --------------------------------------------------
 def _value(node):
     if isinstance(node, ast.Name) and node.id == "Self":
         return Self
-    if isinstance(node, (ast.Attribute, ast.Call, ast.Subscript)):
+    if chain_text.is_chain(node):
         module, calls = _calls(node, None)
         return RpcClient(module, None, 0, calls)
     if isinstance(node, (ast.List, ast.Tuple)):
@@ -89,15 +57,7 @@ def _value(node):
 
 
 def _calls(node, module):
-    ops = _ops(node)
-    if module is None:  # the dotted path without its last name is the module
-        names = []
-        while ops and ops[0][0] in ("name", "attr"):
-            names.append(ops.pop(0)[1])
-        module = ".".join(names[:-1])
-        ops.insert(0, ("attr", names[-1]))
-    else:
-        ops.pop(0)
+    module, ops = chain_text.rooted(node, module)
     calls, previous = [], "attr"
     for op in ops:
         if op[0] == "attr":
@@ -137,8 +97,7 @@ class TableTest(unittest.TestCase):
             for who, rules in (("limited", LIMITED), ("star", STAR)):
                 with self.subTest(row=f"{row['module']}.{row['chain']}", user=who):
                     marker = os.path.join(self.dir.name, uuid.uuid4().hex)
-                    text = row["chain"].replace("{marker}", marker)
-                    module, calls = _calls(ast.parse("_ROW_MODULE_." + text, mode="eval").body, row["module"])
+                    module, calls = _calls(chain_text.parse_row(row, marker), row["module"])
                     out = self.ex.run_native(i + 1, who, rules, module, calls, 0)
                     written = [p for p in os.listdir(self.dir.name) if p.startswith(os.path.basename(marker))]
                     for p in written:
@@ -282,3 +241,62 @@ class MemoTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class CompatPathTest(unittest.TestCase):
+    """Request pickles (the 0.8.1 client's path): values the pickle itself carries."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ex = kx.Executor()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ex.close()
+
+    def run_request(self, module, calls, rules=LIMITED):
+        """(status, bad_request, data) on both unpickler paths; both must agree."""
+        payload = __import__("pickle").dumps(dict(module=module, calls=calls, ref_id=0), protocol=4)
+        seen = []
+        for fast in (False, True):
+            status, bad, reply, _ = self.ex.handle(1, "u", rules, payload, fast)
+            seen.append((status, bad, __import__("pickle").loads(reply)["data"]))
+        self.assertEqual([type(d) for _, _, d in seen], [type(seen[0][2])] * 2, seen)
+        return seen[0]
+
+    def assert_refused(self, module, calls):
+        status, bad, data = self.run_request(module, calls)
+        self.assertEqual(status, 500)
+        self.assertIsInstance(data, PermissionError, (bad, data))
+        return data
+
+    def test_range_searches_are_refused(self):
+        # range(10**18).count('a') is a C loop of centuries with the GIL held
+        self.assert_refused("ksrpc.server.demo", [RpcCall("Point", (range(10**18), 0), {}), RpcCall("x", None, None),
+                                                 RpcCall("count", ("a",), {})])
+        self.assert_refused("capsdk", [RpcCall("FROZEN", None, None), RpcCall("isdisjoint", (range(10**18),), {})])
+
+    def test_a_decimal_with_a_huge_exponent_is_refused_while_loading(self):
+        import decimal
+        status, bad, data = self.run_request("ksrpc.server.demo", [RpcCall("add", (decimal.Decimal("1e999999999"), 0), {})])
+        self.assertIsNotNone(bad)
+        self.assertIn("exponent beyond 4300", bad)
+
+    def test_callables_in_the_pickle_need_the_capability(self):
+        # a foreign class with a fake __module__, handed to allowed code that calls it
+        data = self.assert_refused("capsdk", [RpcCall("call_it", (capsdk_foreign.Disguised,), {})])
+        self.assertIn("capsdk_foreign", str(data))
+        # an allow-listed constructor as a value: tuple(range(2 * 10**7)) outside the build budget
+        self.assert_refused("capsdk", [RpcCall("call_it", (tuple, range(2 * 10**7)), {})])
+        # inside containers too
+        self.assert_refused("capsdk", [RpcCall("call_it", (float, [{"k": (tuple,)}]), {})])
+        # numpy/pandas pickle helpers (the pandas integrity checks run only while loading)
+        import numpy as np
+        self.assert_refused("capsdk", [RpcCall("call_it", (np.frombuffer, b"x"), {})])
+        # plain scalar types are data, and allowed code may get them
+        status, bad, data = self.run_request("capsdk", [RpcCall("call_it", (float, "3.5"), {})])
+        self.assertEqual((status, data), (200, 3.5), (bad, data))
+
+    def test_plain_values_still_work(self):
+        status, bad, data = self.run_request("capsdk", [RpcCall("get_price", ("000001",), {"count": 5})])
+        self.assertEqual((status, data), (200, {"code": "000001", "count": 5}), (bad, data))

@@ -13,7 +13,7 @@ from os import getcwd, listdir  # noqa: F401  foreign functions the package mere
 from capsdk_foreign import Disguised, decorated, disguised, read_text  # noqa: F401
 
 from .api import (  # noqa: F401
-    Client, attr_getter, call_it, caught, gen, list_append, lru_foreign, lru_own, make_array, make_frame,
+    Boot, Client, lister, reader, attr_getter, call_it, caught, gen, list_append, lru_foreign, lru_own, make_array, make_frame,
     logged_price, method_caller, foreign_partial, own_partial, get_price, peek_caller,
 )
 from .secret import token as secret_token  # noqa: F401

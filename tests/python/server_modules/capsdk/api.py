@@ -87,3 +87,24 @@ def peek_caller():
 def logged_price(code):
     """Defined here, but wrapped by a decorator from outside the package."""
     return f"logged {code}"
+
+
+class Lister:
+    """A callable class of the package whose __call__ is a C function of os."""
+    __call__ = staticmethod(os.listdir)
+
+
+lister = Lister()
+
+
+class Reader:
+    """Its __call__ is a function defined outside the package."""
+    __call__ = staticmethod(__import__("capsdk_foreign").read_text)
+
+
+reader = Reader()
+
+
+class Boot:
+    """Constructing it runs os.listdir (a C function stored as __init__)."""
+    __init__ = os.listdir

@@ -1,0 +1,178 @@
+//! The HTTP and WebSocket server on a thread of its own: started and
+//! stopped the same way by the binary and by the Python extension.
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use actix_web::{middleware, web, App, HttpServer};
+use anyhow::{anyhow, Context, Result};
+use ksrpc_core::auth::UserStore;
+use ksrpc_py::PyExecutor;
+use ksrpc_transport_http::{guard, HttpState};
+
+use crate::config::path_cut_by_client;
+use crate::Config;
+
+/// Who handles SIGINT and SIGTERM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signals {
+    /// The server (the binary): either signal stops it gracefully.
+    Own,
+    /// The host process (a notebook kernel, a script): the server installs
+    /// no handler; the host stops it with [`Running::stop`].
+    Host,
+}
+
+/// A server that accepts calls until stopped.
+#[derive(Debug)]
+pub struct Running {
+    addrs: Vec<SocketAddr>,
+    path: String,
+    handle: ServerHandle,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+type Ready = Result<(Vec<SocketAddr>, ServerHandle)>;
+
+/// Binds and starts serving on a new thread; returns once the server is
+/// listening (and, with [`Signals::Own`], its signal handlers are in place)
+/// or with the bind error, which names the address.
+pub fn start(config: Config, users: UserStore, executor: PyExecutor, signals: Signals) -> Result<Running> {
+    let path = config.server.path.clone();
+    let (tx, rx) = mpsc::channel::<Ready>();
+    let thread = std::thread::Builder::new()
+        .name("ksrpc-http".into())
+        .spawn(move || actix_web::rt::System::new().block_on(serve(config, users, executor, signals, tx)))?;
+    match rx.recv() {
+        Ok(Ok((addrs, handle))) => Ok(Running { addrs, path, handle, thread: Some(thread) }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => match thread.join() {
+            Ok(Err(e)) => Err(e),
+            _ => Err(anyhow!("the server thread ended before it listened")),
+        },
+    }
+}
+
+impl Running {
+    /// The base URLs, as the 0.8.1 client takes them (`http://127.0.0.1:8080/api/v1`).
+    pub fn urls(&self) -> Vec<String> {
+        self.addrs.iter().map(|a| format!("http://{a}{}", self.path)).collect()
+    }
+
+    /// The bound addresses.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Whether the server has stopped (a signal, or [`stop`](Self::stop)).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops accepting connections, lets calls in flight finish (up to
+    /// `server.shutdown_grace`) and waits for the server thread. Never call
+    /// it while attached to the interpreter: the calls it waits for need the
+    /// GIL.
+    pub fn stop(&mut self) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(self.handle.stop(true));
+        self.wait_thread()
+    }
+
+    /// Waits until the server stops by itself (a signal).
+    pub fn wait(mut self) -> Result<()> {
+        self.wait_thread()
+    }
+
+    fn wait_thread(&mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow!("the server thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+async fn serve(
+    config: Config,
+    users: UserStore,
+    executor: PyExecutor,
+    signals: Signals,
+    ready: mpsc::Sender<Ready>,
+) -> Result<()> {
+    let (addrs, server) = match bind(&config, users, executor) {
+        Ok(bound) => bound,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return Ok(());
+        }
+    };
+    // Signal handlers are installed before anyone hears that we listen: a
+    // SIGTERM right after start-up must still stop the server gracefully
+    // (actix's own are disabled: they would only run with the server future).
+    let handle = server.handle();
+    if signals == Signals::Own {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let handle = handle.clone();
+        actix_web::rt::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping gracefully"),
+                _ = int.recv() => tracing::info!("SIGINT: stopping gracefully"),
+            }
+            handle.stop(true).await;
+        });
+    }
+    let _ = ready.send(Ok((addrs, handle)));
+    server.await?;
+    Ok(())
+}
+
+fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<SocketAddr>, actix_web::dev::Server)> {
+    let path = config.server.path.clone();
+    if let Some(set) = path_cut_by_client(&path) {
+        tracing::warn!(
+            "server.path {path:?} ends in a character of {set:?}: the 0.8.1 client's URL cache \
+             (`rstrip({set:?})`) will cut it after the first call; end the path with e.g. a digit"
+        );
+    }
+    let host_is_loopback = matches!(config.server.host.as_str(), "127.0.0.1" | "localhost" | "::1");
+    if !host_is_loopback {
+        tracing::warn!(
+            host = %config.server.host,
+            "listening beyond loopback without TLS: passwords and data travel in clear; \
+             put a TLS proxy (or an frp tunnel with TLS) in front"
+        );
+    }
+    let state = web::Data::new(HttpState {
+        users: Arc::new(users),
+        executor: Arc::new(executor),
+        codec: config.codec(),
+        limits: config.limits(),
+        timestamp_window: config.server.timestamp_window,
+        in_flight: Default::default(),
+    });
+    let app_path = path;
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap(middleware::from_fn(guard))
+            .configure(ksrpc_transport_http::routes(&app_path))
+            .configure(ksrpc_transport_ws::routes(&app_path))
+    })
+    .shutdown_timeout(config.server.shutdown_grace)
+    .client_request_timeout(Duration::from_secs(60));
+    if config.server.workers > 0 {
+        server = server.workers(config.server.workers);
+    }
+    let server = server
+        .bind((config.server.host.as_str(), config.server.port))
+        .with_context(|| format!("binding {}:{}", config.server.host, config.server.port))?;
+    Ok((server.addrs(), server.disable_signals().run()))
+}

@@ -1,0 +1,95 @@
+//! Users from the config, the generated default admin, logging and
+//! `hash-password`: start-up pieces both front ends share.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::Result;
+use ksrpc_core::auth::{hash_password, AuthTuning, PasswordSource, UserStore};
+use ksrpc_core::RuleSet;
+
+use crate::Config;
+
+/// Rules of the generated default user: the demo module only.
+pub const DEFAULT_RULES: &[&str] = &["allow ksrpc.server.demo", "deny *"];
+
+/// The `admin` user made when the config has no users: its password is
+/// shown once by the front end (stderr, or the notebook cell), never logged.
+#[derive(Debug)]
+pub struct GeneratedAdmin {
+    /// The random password.
+    pub password: String,
+}
+
+impl GeneratedAdmin {
+    /// The text a front end shows once.
+    pub fn announcement(&self) -> String {
+        format!(
+            "\nNo users configured: created user `admin` with password `{}`\n\
+             (rules: {DEFAULT_RULES:?}). Configure [users] to choose your own.\n",
+            self.password
+        )
+    }
+}
+
+/// The user store of `config`, and the generated admin when it has none.
+pub fn build_users(config: &Config) -> Result<(UserStore, Option<GeneratedAdmin>)> {
+    let mut store = UserStore::new(AuthTuning::default());
+    if config.users.is_empty() {
+        let password: String = {
+            use rand::distr::{Alphanumeric, SampleString};
+            Alphanumeric.sample_string(&mut rand::rng(), 20)
+        };
+        store.add_plain("admin", &password, RuleSet::parse(DEFAULT_RULES)?);
+        return Ok((store, Some(GeneratedAdmin { password })));
+    }
+    for (name, user) in &config.users {
+        let rules = RuleSet::parse(&user.rules)?;
+        if rules.rules().is_empty() {
+            tracing::warn!(user = %name, "user has no rules: every call will be refused");
+        }
+        match (&user.password, &user.password_hash) {
+            (Some(pw), None) => store.add_plain(name, pw, rules),
+            (None, Some(hash)) => store.add_hashed(name, hash, rules)?,
+            _ => unreachable!("validated by Config::load"),
+        }
+    }
+    for u in store.users() {
+        if u.source == PasswordSource::PlainText {
+            tracing::warn!(
+                user = %u.name,
+                "plain-text password in the config; store `password_hash` from `ksrpc-server hash-password` instead"
+            );
+        }
+    }
+    Ok((store, None))
+}
+
+/// Log lines to stderr through a background writer (a write(2) per call on
+/// the HTTP worker cost ~10% of small-call throughput). The returned guard
+/// flushes on drop; `None` when a subscriber is already installed (a second
+/// `serve()` in one Python process).
+pub fn init_logging() -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,actix_server=warn".into()),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer)
+        .try_init()
+        .ok()
+        .map(|()| guard)
+}
+
+/// `hash-password`: an argon2id hash of the first line of `input`.
+pub fn hash_password_from(input: &mut dyn BufRead, prompt: bool) -> Result<String> {
+    if prompt {
+        eprint!("password (input is visible; pipe it in to avoid that): ");
+        std::io::stderr().flush().ok();
+    }
+    let mut line = String::new();
+    input.read_line(&mut line)?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    Ok(hash_password(password))
+}
