@@ -39,21 +39,25 @@ def main(argv=None) -> int:
             return 1
         print(hash_password(password))
         return 0
+    # This command is the host program, so it owns the signals: SIGINT and SIGTERM stop
+    # the server gracefully, as the binary's do, through a KeyboardInterrupt (also when
+    # started with SIGINT ignored, as background jobs are). The handlers are in place
+    # before the server starts, and everything after the start is inside the `try`, so a
+    # signal that lands between "listening" and the wait still stops it cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    srv = None
     try:
         srv = serve(args.config, host=args.host, port=args.port, path=args.path)
+        for url in srv.urls:
+            print(f"ksrpc-server listening on {url}", flush=True)
+        srv.wait()
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    # This command is the host program, so it owns the signals: SIGINT and SIGTERM stop
-    # the server gracefully, as the binary's do, through the KeyboardInterrupt that
-    # Server.wait handles (also when started with SIGINT ignored, as background jobs are).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    for url in srv.urls:
-        print(f"ksrpc-server listening on {url}", flush=True)
-    try:
-        srv.wait()
     except KeyboardInterrupt:
+        if srv is not None:
+            srv.stop()  # idempotent: wait() may have stopped it already
         print("stopped", file=sys.stderr)
     return 0
 
