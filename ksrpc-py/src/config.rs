@@ -14,8 +14,14 @@ pub struct PythonConfig {
     pub path: Vec<PathBuf>,
     /// Size of the pool of Python threads running synchronous calls.
     pub threads: usize,
-    /// Most calls one user may have in flight.
+    /// Most calls one user may have in flight (queued or running); past it
+    /// a call is refused as overloaded.
     pub max_calls_per_user: usize,
+    /// Most calls of one user running on a Python thread at once (default:
+    /// half of `threads`, at least 1). A call that ignores its timeout keeps
+    /// counting until it really ends, so one user never holds more threads
+    /// than this, stuck or not.
+    pub max_running_per_user: Option<usize>,
     /// Seconds a call may run before it becomes a `TimeoutError` reply.
     pub call_timeout: f64,
     /// Seconds an idle generator handle is kept.
@@ -43,6 +49,7 @@ impl Default for PythonConfig {
             path: Vec::new(),
             threads: 32,
             max_calls_per_user: 64,
+            max_running_per_user: None,
             call_timeout: 600.0,
             handle_ttl: 600.0,
             handle_cap: 64,
@@ -55,8 +62,17 @@ impl Default for PythonConfig {
 }
 
 impl PythonConfig {
+    /// Most calls of one user running at once: `max_running_per_user`, or
+    /// half the pool.
+    pub fn running_cap(&self) -> usize {
+        self.max_running_per_user.unwrap_or(self.threads / 2).max(1)
+    }
+
     /// The call timeout as a [`Duration`] (clamped to something sane).
     pub fn call_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.call_timeout.clamp(0.001, 86_400.0 * 7.0))
+        // `clamp` keeps NaN, which `from_secs_f64` panics on: a non-finite
+        // value (the server's config refuses them) means the default.
+        let secs = if self.call_timeout.is_nan() { PythonConfig::default().call_timeout } else { self.call_timeout };
+        Duration::from_secs_f64(secs.clamp(0.001, 86_400.0 * 7.0))
     }
 }

@@ -5,7 +5,8 @@
 //! - [`PyExecutor`] implements the core [`Executor`](ksrpc_core::Executor)
 //!   trait: calls run on a bounded pool of Python threads (never on a tokio
 //!   or actix worker), coroutines on one asyncio loop thread (inside
-//!   `ksrpc_executor.py`), with per-call timeouts and per-user caps.
+//!   `ksrpc_executor.py`), with per-call timeouts, one queue per user served
+//!   round robin and a cap on each user's running calls ([`fair`]).
 //! - The Python half (`python/ksrpc_executor.py`) decodes requests with a
 //!   restricted unpickler, resolves chains under the user's rules and
 //!   pickles replies.
@@ -17,6 +18,7 @@
 
 pub mod config;
 mod convert;
+mod fair;
 mod gate;
 pub mod interp;
 mod pool;

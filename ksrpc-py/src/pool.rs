@@ -1,8 +1,10 @@
 //! The pool of Python threads and the [`Executor`] implementation.
 //!
-//! Threading model: async callers hand a job to a bounded set of OS threads
-//! that each attach to the interpreter once per call; a call blocked in I/O
-//! releases the GIL, so other calls proceed. A control thread (also outside
+//! Threading model: async callers queue a job in the [`FairQueue`] (one FIFO
+//! per user, served round robin, a cap on each user's running calls); a
+//! bounded set of OS threads, attached to the interpreter for their whole
+//! life, take jobs from it; a call blocked in I/O releases the GIL, so other
+//! calls proceed. A control thread (also outside
 //! tokio) delivers timeouts and cancellations, which need the GIL. No tokio
 //! or actix worker ever attaches to Python.
 
@@ -23,6 +25,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tokio::sync::oneshot;
 
+use crate::fair::FairQueue;
 use crate::gate::Gate;
 use crate::interp::Host;
 use crate::interp::{self, describe};
@@ -90,6 +93,12 @@ struct Job {
     cancelled: Arc<AtomicBool>,
 }
 
+impl crate::fair::Stale for Job {
+    fn is_stale(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+}
+
 enum Control {
     /// The call overran its timeout: interrupt it and replace its thread.
     Timeout(u64),
@@ -100,7 +109,9 @@ enum Control {
 struct Shared {
     executor: Py<PyAny>,
     config: PythonConfig,
-    jobs: Receiver<Job>,
+    /// Jobs waiting for a thread, per user; also counts each user's
+    /// running calls until they really end.
+    queue: FairQueue<Job>,
     control: Sender<Control>,
     /// Call id -> Python thread ident of the thread running it. Only
     /// touched while attached to the interpreter, so the control thread and
@@ -125,7 +136,6 @@ struct Shared {
 #[derive(Clone)]
 pub struct PyExecutor {
     shared: Arc<Shared>,
-    jobs: Sender<Job>,
 }
 
 impl std::fmt::Debug for PyExecutor {
@@ -154,13 +164,12 @@ impl PyExecutor {
 
     fn start_in(config: PythonConfig, host: Host) -> Result<Self, StartError> {
         let executor = interp::start(&config, host)?;
-        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let shared = Arc::new(Shared {
             executor,
+            queue: FairQueue::new(config.running_cap()),
             config,
-            jobs: jobs_rx,
             control: control_tx,
             running: Mutex::new(HashMap::new()),
             per_user: Mutex::new(HashMap::new()),
@@ -180,7 +189,7 @@ impl PyExecutor {
         let control =
             std::thread::Builder::new().name("ksrpc-py-control".into()).spawn(move || control_loop(&s, &control_rx))?;
         shared.threads.lock().expect("threads poisoned").push(control);
-        Ok(PyExecutor { shared, jobs: jobs_tx })
+        Ok(PyExecutor { shared })
     }
 
     /// Ends the pool and control threads once their current call (if any)
@@ -190,6 +199,7 @@ impl PyExecutor {
     /// interpreter: an ending thread takes the GIL one last time.
     pub fn join(&self, grace: Duration) -> usize {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
+        self.shared.queue.close();
         drop(self.shared.stop.lock().expect("stop poisoned").take());
         let deadline = Instant::now() + grace;
         let mut threads = std::mem::take(&mut *self.shared.threads.lock().expect("threads poisoned"));
@@ -245,23 +255,21 @@ fn worker_loop(shared: &Shared, slot: u64) {
         let ident = unsafe { pyo3::ffi::PyThread_get_thread_ident() };
         let mut inside = false;
         loop {
-            // Pass the gate first, then take the oldest job: jobs leave the
-            // queue in order whichever thread the gate lets in.
+            // Pass the gate first, then take the next job: jobs leave the
+            // queue in the fair queue's order whichever thread the gate lets in.
             let job = py.detach(|| {
                 if !inside {
                     shared.gate.enter(slot);
                     inside = true;
                 }
-                crossbeam_channel::select! {
-                    recv(shared.jobs) -> job => job.ok(),
-                    recv(shared.stopped) -> _ => None,
-                }
+                shared.queue.take()
             });
-            let Some(job) = job else {
+            let Some((key, job)) = job else {
                 shared.gate.leave(slot);
                 return;
             };
             if job.cancelled.load(Ordering::SeqCst) {
+                shared.queue.done(&key);
                 continue;
             }
             shared.gate.begin(slot);
@@ -272,6 +280,9 @@ fn worker_loop(shared: &Shared, slot: u64) {
                 Work::Native { chain, reply } => Answer::Native(run_native(py, shared, id, &user, &chain), reply),
             };
             shared.running.lock().expect("running map poisoned").remove(&id);
+            // Only now, however long ago its caller gave up, is the call off
+            // its user's account.
+            shared.queue.done(&key);
             // A timeout that raced with the end of the call must not hit the
             // next call on this thread.
             // SAFETY: attached; a NULL exception clears any pending one.
@@ -416,15 +427,26 @@ fn control_loop(shared: &Arc<Shared>, rx: &Receiver<Control>) {
                 _ => false,
             }
         });
-        // The interrupted thread may be blocked in C for a long time; give the
-        // pool a fresh thread, up to twice its size.
-        if stuck && shared.workers.load(Ordering::SeqCst) < 2 * shared.config.threads.max(1) {
-            if let Err(e) = spawn_worker(shared) {
+        // The interrupted thread may be blocked in C for a long time (an
+        // asynchronous exception does not reach `time.sleep` or a socket
+        // read): give the pool a fresh thread so the other users keep
+        // `threads` of them. The stuck call stays charged to its user (see
+        // `FairQueue`), so stuck threads number at most the users' caps;
+        // MAX_EXTRA_THREADS is a last bound on top.
+        if stuck {
+            if shared.workers.load(Ordering::SeqCst) >= shared.config.threads.max(1) + MAX_EXTRA_THREADS {
+                tracing::error!(call = id, "a call is stuck past its timeout and the pool has no replacement left");
+            } else if let Err(e) = spawn_worker(shared) {
                 tracing::error!("spawning a replacement Python thread: {e}");
             }
         }
     }
 }
+
+/// Most threads started to replace ones stuck past their call's timeout
+/// (beyond `python.threads`); past it a stuck thread is not replaced and an
+/// error is logged.
+const MAX_EXTRA_THREADS: usize = 1024;
 
 /// Frees a user's in-flight slot and, when the caller goes away before the
 /// call ends, tells the executor to cancel it.
@@ -481,7 +503,8 @@ impl PyExecutor {
         let mut guard = CallGuard { shared, user: &user.name, id, cancelled: cancelled.clone(), finished: false };
         let (tx, rx) = oneshot::channel();
         let job = Job { id, user: user.clone(), work: work(tx), cancelled };
-        self.jobs.send(job).map_err(|_| ExecError::ShuttingDown)?;
+        let key: Arc<str> = Arc::from(user.name.as_str());
+        shared.queue.push(&key, job).map_err(|_| ExecError::ShuttingDown)?;
         let timeout = shared.config.call_timeout();
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(outcome)) => {

@@ -83,8 +83,11 @@ pub struct LimitsSection {
     pub max_reply_bytes: u64,
     /// Seconds a call may run.
     pub call_timeout: f64,
-    /// Calls one user may have in flight.
+    /// Calls one user may have in flight (queued or running).
     pub max_calls_per_user: usize,
+    /// Calls of one user running on a Python thread at once; 0 = half of
+    /// `python.threads`. Calls stuck past their timeout keep counting.
+    pub max_running_per_user: usize,
     /// Seconds an idle generator handle lives.
     pub handle_ttl: f64,
     /// Generator handles per user.
@@ -101,6 +104,7 @@ impl Default for LimitsSection {
             max_reply_bytes: py.max_reply_bytes,
             call_timeout: py.call_timeout,
             max_calls_per_user: py.max_calls_per_user,
+            max_running_per_user: 0,
             handle_ttl: py.handle_ttl,
             handle_cap: py.handle_cap,
         }
@@ -234,6 +238,17 @@ impl Config {
         if !path.starts_with('/') || path.ends_with('/') {
             bail!("server.path must start with '/' and not end with one (got {path:?})");
         }
+        let seconds = [
+            ("server.timestamp_window", self.server.timestamp_window, true),
+            ("limits.call_timeout", self.limits.call_timeout, false),
+            ("limits.handle_ttl", self.limits.handle_ttl, false),
+        ];
+        for (key, value, zero_ok) in seconds {
+            if !value.is_finite() || value < 0.0 || (value == 0.0 && !zero_ok) {
+                let want = if zero_ok { "a finite number >= 0" } else { "a finite number > 0" };
+                bail!("{key} must be {want} of seconds (got {value})");
+            }
+        }
         self.codec.level.parse()?;
         if self.codec.slice_size == 0 || self.codec.slice_size > DEFAULT_MAX_ENCODED_SLICE / 2 {
             bail!("codec.slice_size must be between 1 and {}", DEFAULT_MAX_ENCODED_SLICE / 2);
@@ -270,6 +285,7 @@ impl Config {
             path: self.python.path.clone(),
             threads: self.python.threads.max(1),
             max_calls_per_user: self.limits.max_calls_per_user.max(1),
+            max_running_per_user: (self.limits.max_running_per_user > 0).then_some(self.limits.max_running_per_user),
             call_timeout: self.limits.call_timeout,
             handle_ttl: self.limits.handle_ttl,
             handle_cap: self.limits.handle_cap.max(1),
@@ -360,6 +376,29 @@ rules = ["allow ksrpc.server.demo", "allow bench_mod", "deny os", "deny builtins
             std::fs::write(&file, bad).unwrap();
             assert!(Config::load(Some(&file), &Overrides::default()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn non_finite_or_negative_durations_are_errors_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        for (bad, key) in [
+            ("[limits]\ncall_timeout = nan\n", "limits.call_timeout"),
+            ("[limits]\ncall_timeout = inf\n", "limits.call_timeout"),
+            ("[limits]\ncall_timeout = 0.0\n", "limits.call_timeout"),
+            ("[limits]\nhandle_ttl = -1.0\n", "limits.handle_ttl"),
+            ("[server]\ntimestamp_window = -inf\n", "server.timestamp_window"),
+            ("[server]\ntimestamp_window = nan\n", "server.timestamp_window"),
+        ] {
+            std::fs::write(&file, bad).unwrap();
+            let err = format!("{:#}", Config::load(Some(&file), &Overrides::default()).unwrap_err());
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+        std::fs::write(&file, "[server]\ntimestamp_window = 0.0\n[limits]\nmax_running_per_user = 3\n").unwrap();
+        let c = Config::load(Some(&file), &Overrides::default()).unwrap();
+        assert_eq!((c.server.timestamp_window, c.python().running_cap()), (0.0, 3));
+        // 0 = half the pool
+        assert_eq!(Config::load(None, &Overrides::default()).unwrap().python().running_cap(), 16);
     }
 
     #[test]

@@ -15,7 +15,9 @@ fn call(name: &str, args: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_blocking_calls_meet_at_a_barrier() {
-    let ex = Arc::new(executor(|_| {}));
+    // One user: the pool of 4 lets half of it run one user's calls by
+    // default, so allow three here.
+    let ex = Arc::new(executor(|c| c.max_running_per_user = Some(3)));
     let admin = user("admin", &["allow *"]);
     let payload = request("", "bench_mod", &call("barrier_wait", "(3, 5.0)"), 0);
     // Spawn all three before awaiting any (a lazy iterator would run them one by one).
