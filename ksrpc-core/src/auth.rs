@@ -6,10 +6,18 @@
 //! costs the same for an unknown user as for a wrong password. Because the
 //! 0.8.1 client sends Basic auth on every call and argon2 costs ~30 ms, a
 //! successful verification is cached under a keyed hash of `user:password`
-//! for a while, concurrent argon2 work is bounded, and repeated failures for
-//! one name are refused without spending CPU.
+//! for a while.
+//!
+//! Logins cannot be turned into a weapon against other people: repeated
+//! failures for one (name, client address) only *delay* that key's later
+//! failed answers ([`UserStore::penalty`]); a correct password is never
+//! refused because of failures, whoever made them. Uncached verifications
+//! (argon2 work) are bounded per client address and in total, so a flood of
+//! random names from one client is answered `Throttled` without CPU while
+//! other clients still log in.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +39,14 @@ pub enum AuthError {
     /// `X-Timestamp` missing, not a finite number, or outside the window.
     #[error("timestamp outside the allowed window")]
     StaleTimestamp,
+    /// This client address already has as many uncached verifications in
+    /// progress as it may (429; retry shortly).
+    #[error("too many logins in progress from this address")]
+    Throttled,
+    /// The server already has as many uncached verifications waiting or
+    /// running as it takes (503).
+    #[error("too many logins in progress")]
+    Busy,
     /// A stored password hash is not a valid PHC string.
     #[error("invalid password hash for user {0:?}: {1}")]
     BadHash(String, String),
@@ -76,11 +92,19 @@ pub struct AuthTuning {
     pub cache_ttl: Duration,
     /// How many argon2 verifications may run at once.
     pub max_concurrent_hashes: usize,
-    /// Failures per name within `failure_window` before further attempts
-    /// for that name are refused without checking.
+    /// Failures per (name, client address) within `failure_window` before
+    /// that key's further failed answers are delayed.
     pub max_failures: u32,
     /// The window for `max_failures`.
     pub failure_window: Duration,
+    /// How long a failed answer over `max_failures` is held back (doubling
+    /// with every further failure, up to 32 times this).
+    pub failure_delay: Duration,
+    /// Uncached verifications one client address may have in progress.
+    pub max_misses_per_peer: usize,
+    /// Uncached verifications the server takes at once (running or waiting
+    /// for an argon2 slot).
+    pub max_misses: usize,
 }
 
 impl Default for AuthTuning {
@@ -90,6 +114,67 @@ impl Default for AuthTuning {
             max_concurrent_hashes: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_failures: 20,
             failure_window: Duration::from_secs(60),
+            failure_delay: Duration::from_secs(1),
+            max_misses_per_peer: 4,
+            max_misses: 64,
+        }
+    }
+}
+
+/// Where a login attempt comes from: the client's IP address, an IPv6
+/// address reduced to its /64 (one host usually holds a whole /64), or
+/// unknown. Behind a reverse proxy every client is the proxy's address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Peer(Option<IpAddr>);
+
+impl Peer {
+    /// The peer of a connection from `addr` (`None`: unknown).
+    pub fn of(addr: Option<IpAddr>) -> Peer {
+        Peer(addr.map(|a| match a {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            },
+            v4 => v4,
+        }))
+    }
+
+    /// An attempt whose origin is not known (all such share one budget).
+    pub const UNKNOWN: Peer = Peer(None);
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("unknown"),
+        }
+    }
+}
+
+/// Uncached verifications in progress, per peer and in total.
+#[derive(Debug, Default)]
+struct Misses {
+    per_peer: HashMap<Peer, usize>,
+    total: usize,
+}
+
+/// A verification admitted by [`UserStore::admit`]; gives its place back
+/// when dropped.
+struct Admission<'a> {
+    store: &'a UserStore,
+    peer: Peer,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        let mut m = self.store.misses.lock().expect("auth misses poisoned");
+        m.total -= 1;
+        if let Some(n) = m.per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                m.per_peer.remove(&self.peer);
+            }
         }
     }
 }
@@ -104,7 +189,9 @@ pub struct UserStore {
     dummy_phc: String,
     cache_key: [u8; 32],
     cache: VerifiedCache,
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
+    /// Failures per (name, peer): count and when the window started.
+    failures: Mutex<HashMap<(String, Peer), (u32, Instant)>>,
+    misses: Mutex<Misses>,
     /// Argon2 working memory, one buffer per concurrent verification,
     /// allocated once: argon2 needs 19 MiB per run, and allocating it on
     /// whatever thread verifies left every such thread's malloc arena
@@ -133,6 +220,7 @@ impl UserStore {
             cache_key,
             cache: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            misses: Mutex::new(Misses::default()),
             slots: (Mutex::new((0..tuning.max_concurrent_hashes.max(1)).map(|_| Vec::new()).collect()), Condvar::new()),
             tuning,
         }
@@ -160,16 +248,22 @@ impl UserStore {
         self.users.values()
     }
 
-    /// Checks `user:password`. CPU-bound (argon2) on a cache miss: call it
-    /// from a blocking thread, not an async worker.
+    /// [`verify_from`](Self::verify_from) an unknown peer.
     pub fn verify(&self, user: &str, password: &str) -> Result<Arc<User>, AuthError> {
+        self.verify_from(user, password, Peer::UNKNOWN)
+    }
+
+    /// Checks `user:password` from `peer`. CPU-bound (argon2) on a cache
+    /// miss: call it from a blocking thread, not an async worker. A miss
+    /// first needs a place among the bounded verifications in progress
+    /// ([`AuthError::Throttled`] per peer, [`AuthError::Busy`] in total);
+    /// a failure is recorded against (user, peer), see [`penalty`](Self::penalty).
+    pub fn verify_from(&self, user: &str, password: &str, peer: Peer) -> Result<Arc<User>, AuthError> {
         let key = self.cache_key(user, password);
         if let Some(found) = self.cached(&key) {
             return Ok(found);
         }
-        if self.locked_out(user) {
-            return Err(AuthError::Unauthorized);
-        }
+        let _admitted = self.admit(peer)?;
         let known = self.users.get(user);
         let phc = known.map_or(self.dummy_phc.as_str(), |u| u.phc.as_str());
         // Many clients logging in at once with the same credentials: the
@@ -188,10 +282,12 @@ impl UserStore {
                     cache.clear();
                 }
                 cache.insert(key, (u.clone(), Instant::now() + self.tuning.cache_ttl));
+                drop(cache);
+                self.failures.lock().expect("auth failures poisoned").remove(&(user.to_owned(), peer));
                 Ok(u.clone())
             }
             _ => {
-                self.record_failure(user);
+                self.record_failure(user, peer);
                 Err(AuthError::Unauthorized)
             }
         }
@@ -224,20 +320,48 @@ impl UserStore {
         }
     }
 
-    fn locked_out(&self, user: &str) -> bool {
+    /// How long to hold back the answer to a failed attempt for `user`
+    /// from `peer`: zero up to `max_failures` failures in the window, then
+    /// `failure_delay`, doubling per further failure up to 32 times it. A
+    /// delay, never a refusal: the right password still gets in at once.
+    /// The caller waits (asynchronously) before answering 401.
+    pub fn penalty(&self, user: &str, peer: Peer) -> Duration {
         let failures = self.failures.lock().expect("auth failures poisoned");
-        failures
-            .get(user)
-            .is_some_and(|(n, since)| *n >= self.tuning.max_failures && since.elapsed() < self.tuning.failure_window)
+        match failures.get(&(user.to_owned(), peer)) {
+            Some((n, since)) if *n > self.tuning.max_failures && since.elapsed() < self.tuning.failure_window => {
+                self.tuning.failure_delay * (1u32 << (n - self.tuning.max_failures - 1).min(5))
+            }
+            _ => Duration::ZERO,
+        }
     }
 
-    fn record_failure(&self, user: &str) {
+    /// A place for one uncached verification from `peer`, or why not.
+    fn admit(&self, peer: Peer) -> Result<Admission<'_>, AuthError> {
+        let mut m = self.misses.lock().expect("auth misses poisoned");
+        if m.total >= self.tuning.max_misses.max(1) {
+            return Err(AuthError::Busy);
+        }
+        let n = m.per_peer.entry(peer).or_insert(0);
+        if *n >= self.tuning.max_misses_per_peer.max(1) {
+            return Err(AuthError::Throttled);
+        }
+        *n += 1;
+        m.total += 1;
+        Ok(Admission { store: self, peer })
+    }
+
+    fn record_failure(&self, user: &str, peer: Peer) {
         let mut failures = self.failures.lock().expect("auth failures poisoned");
         if failures.len() >= CACHE_CAP {
+            // Keys with one failure go first: a flood of random names must
+            // not wipe the count of a name someone is really guessing at.
             let window = self.tuning.failure_window;
-            failures.retain(|_, (_, since)| since.elapsed() < window);
+            failures.retain(|_, (n, since)| since.elapsed() < window && *n > 1);
+            if failures.len() >= CACHE_CAP {
+                failures.clear();
+            }
         }
-        let entry = failures.entry(user.to_owned()).or_insert((0, Instant::now()));
+        let entry = failures.entry((user.to_owned(), peer)).or_insert((0, Instant::now()));
         if entry.1.elapsed() >= self.tuning.failure_window {
             *entry = (0, Instant::now());
         }
@@ -388,14 +512,90 @@ mod tests {
     }
 
     #[test]
-    fn repeated_failures_lock_out_the_name_but_not_a_cached_login() {
-        let tuning = AuthTuning { max_failures: 2, ..AuthTuning::default() };
+    fn repeated_failures_delay_only_their_own_name_and_address() {
+        let tuning = AuthTuning { max_failures: 2, failure_delay: Duration::from_secs(1), ..AuthTuning::default() };
         let mut store = UserStore::new(tuning);
         store.add_plain("u", "pw", RuleSet::default());
-        store.verify("u", "pw").unwrap();
-        for _ in 0..3 {
-            assert!(store.verify("u", "guess").is_err());
+        let (a, b) = (Peer::of(Some([10, 0, 0, 1].into())), Peer::of(Some([10, 0, 0, 2].into())));
+        for _ in 0..2 {
+            assert!(store.verify_from("u", "guess", a).is_err());
         }
-        assert!(store.verify("u", "pw").is_ok(), "cached success still works");
+        assert_eq!(store.penalty("u", a), Duration::ZERO, "up to max_failures: no delay");
+        let delays: Vec<_> = (0..8)
+            .map(|_| {
+                assert!(store.verify_from("u", "guess", a).is_err());
+                store.penalty("u", a).as_secs()
+            })
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 32, 32]);
+        assert_eq!(store.penalty("u", b), Duration::ZERO, "another address is not delayed");
+        assert_eq!(store.penalty("v", a), Duration::ZERO, "another name is not delayed");
+        // The right password, even from the guessing address, gets in and
+        // clears that key's record.
+        assert_eq!(store.verify_from("u", "pw", a).unwrap().name, "u");
+        assert_eq!(store.penalty("u", a), Duration::ZERO);
+    }
+
+    #[test]
+    fn uncached_verifications_are_bounded_per_peer_and_in_total() {
+        let tuning = AuthTuning { max_misses_per_peer: 2, max_misses: 3, ..AuthTuning::default() };
+        let mut store = UserStore::new(tuning);
+        store.add_plain("u", "pw", RuleSet::default());
+        let (a, b, c) =
+            (Peer::of(Some([10, 0, 0, 1].into())), Peer::of(Some([10, 0, 0, 2].into())), Peer::of(None));
+        let a1 = store.admit(a).unwrap();
+        let a2 = store.admit(a).unwrap();
+        assert_eq!(store.admit(a).err(), Some(AuthError::Throttled));
+        // The flooding address's verifications in progress refuse it only.
+        assert_eq!(store.verify_from("u", "pw", a).unwrap_err(), AuthError::Throttled);
+        let b1 = store.admit(b).unwrap();
+        assert_eq!(store.admit(c).err(), Some(AuthError::Busy), "the total bound");
+        assert_eq!(store.verify_from("u", "pw", b).unwrap_err(), AuthError::Busy);
+        drop(a1);
+        assert_eq!(store.verify_from("u", "pw", b).unwrap().name, "u");
+        // A cached login needs no place at all.
+        let _a3 = store.admit(a).unwrap();
+        assert_eq!(store.verify_from("u", "pw", b).unwrap().name, "u");
+        drop((a2, b1));
+        assert_eq!(store.misses.lock().unwrap().total, 1);
+    }
+
+    #[test]
+    fn ipv6_peers_are_their_slash_64_and_mapped_v4_is_v4() {
+        let p = |s: &str| Peer::of(Some(s.parse().unwrap()));
+        assert_eq!(p("2001:db8:1:2::1"), p("2001:db8:1:2:ffff::9"));
+        assert_ne!(p("2001:db8:1:2::1"), p("2001:db8:1:3::1"));
+        assert_eq!(p("::ffff:10.0.0.1"), p("10.0.0.1"));
+        assert_eq!(p("2001:db8:1:2::1").to_string(), "2001:db8:1:2::");
+    }
+
+    #[test]
+    fn a_random_name_flood_does_not_reset_a_guessed_names_count() {
+        let tuning = AuthTuning { max_failures: 1, ..AuthTuning::default() };
+        let mut store = UserStore::new(tuning);
+        store.add_plain("admin", "pw", RuleSet::default());
+        let a = Peer::of(Some([10, 0, 0, 1].into()));
+        for _ in 0..3 {
+            let _ = store.verify_from("admin", "guess", a);
+        }
+        let before = store.penalty("admin", a);
+        assert!(before > Duration::ZERO);
+        for i in 0..CACHE_CAP + 10 {
+            store.record_failure(&format!("random{i}"), a);
+        }
+        assert_eq!(store.penalty("admin", a), before);
+    }
+
+    #[test]
+    fn failures_of_others_never_refuse_a_correct_uncached_password() {
+        // The attack: anyone sends wrong passwords for `admin`; the real
+        // admin's first (uncached) login must still get in.
+        let tuning = AuthTuning { max_failures: 2, failure_delay: Duration::from_millis(1), ..AuthTuning::default() };
+        let mut store = UserStore::new(tuning);
+        store.add_plain("admin", "pw", RuleSet::default());
+        for _ in 0..5 {
+            assert_eq!(store.verify("admin", "guess").unwrap_err(), AuthError::Unauthorized);
+        }
+        assert_eq!(store.verify("admin", "pw").unwrap().name, "admin");
     }
 }

@@ -23,7 +23,7 @@ pub mod native;
 pub mod pickle_scan;
 pub mod rules;
 
-pub use auth::{AuthError, User, UserStore};
+pub use auth::{AuthError, Peer, User, UserStore};
 pub use chain::{Args, Call, CallChain};
 pub use codec::{ChunkedZlib, Codec, CodecError, Level, Limits, Zstd};
 pub use executor::{CompatReply, CompatRequest, ExecError, Executor, NativeRequest};

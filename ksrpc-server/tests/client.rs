@@ -844,3 +844,56 @@ async fn capability_table_over_the_native_protocol() {
     }
     assert!(failures.is_empty(), "{} rows failed:\n{}", failures.len(), failures.join("\n"));
 }
+
+/// One raw `GET generate_204` from the loopback address `source` (Linux
+/// routes all of 127/8 to lo, so tests can be several clients); the status.
+async fn probe_from(server: &Server, source: [u8; 4], (user, password): (&str, &str)) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = server.base.strip_prefix("http://").unwrap();
+    let (addr, path) = url.split_once('/').unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((std::net::Ipv4Addr::from(source), 0).into()).unwrap();
+    let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let request = format!(
+        "GET /{path}/generate_204 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}\r\nX-Timestamp: {now}\r\nConnection: close\r\n\r\n",
+        basic(user, password)
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 12];
+    stream.read_exact(&mut head).await.unwrap();
+    String::from_utf8_lossy(&head[9..12]).parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_cannot_be_used_against_other_people() {
+    let server = Arc::new(Server::start());
+    // An argon2 flood of random names from 127.0.0.3: past its few places it
+    // is answered 429 without CPU, while admin's first (uncached) login from
+    // another address gets in.
+    let flood: Vec<_> = (0..64)
+        .map(|i| {
+            let server = server.clone();
+            tokio::spawn(async move { probe_from(&server, [127, 0, 0, 3], (&format!("random{i}"), "x")).await })
+        })
+        .collect();
+    let admin = probe_from(&server, [127, 0, 0, 4], ADMIN).await;
+    let mut statuses = Vec::new();
+    for f in flood {
+        statuses.push(f.await.unwrap());
+    }
+    assert_eq!(admin, 204, "a real login during someone else's flood");
+    assert!(statuses.iter().all(|s| [401, 429].contains(s)), "{statuses:?}");
+    assert!(statuses.contains(&429), "the flood was never throttled: {statuses:?}");
+    // Lockout as a weapon: 21 wrong passwords for `limited` (over the 20
+    // failures that start delaying), then its right password, uncached, from
+    // the guessing address itself and from another: both get in.
+    for _ in 0..21 {
+        assert_eq!(probe_from(&server, [127, 0, 0, 5], (LIMITED.0, "guess")).await, 401);
+    }
+    assert_eq!(probe_from(&server, [127, 0, 0, 5], LIMITED).await, 204, "refused after someone's failures");
+    for _ in 0..21 {
+        assert_eq!(probe_from(&server, [127, 0, 0, 6], (ADMIN.0, "guess")).await, 401);
+    }
+    assert_eq!(probe_from(&server, [127, 0, 0, 7], ADMIN).await, 204);
+}

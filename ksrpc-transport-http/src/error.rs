@@ -13,6 +13,10 @@ pub enum TransportError {
     /// Credentials missing, malformed or wrong (401 + `WWW-Authenticate`).
     #[error("Unauthorized")]
     Unauthorized,
+    /// This client address already has as many logins being verified as it
+    /// may (429 + `Retry-After`).
+    #[error("too many logins in progress from this address; retry shortly")]
+    Throttled,
     /// The body is not valid chunked-zlib framing or the request pickle is
     /// not a valid call (400).
     #[error("bad request: {0}")]
@@ -59,6 +63,7 @@ impl ResponseError for TransportError {
         match self {
             TransportError::Forbidden => StatusCode::FORBIDDEN,
             TransportError::Unauthorized => StatusCode::UNAUTHORIZED,
+            TransportError::Throttled => StatusCode::TOO_MANY_REQUESTS,
             TransportError::BadRequest(_) => StatusCode::BAD_REQUEST,
             TransportError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             TransportError::Overloaded(_) | TransportError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -71,6 +76,9 @@ impl ResponseError for TransportError {
         res.insert_header((header::CONTENT_TYPE, "text/plain; charset=utf-8"));
         if matches!(self, TransportError::Unauthorized) {
             res.insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="Restricted Area""#));
+        }
+        if matches!(self, TransportError::Throttled) {
+            res.insert_header((header::RETRY_AFTER, "1"));
         }
         res.body(self.to_string())
     }

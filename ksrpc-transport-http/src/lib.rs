@@ -22,7 +22,7 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
-use ksrpc_core::auth::{check_timestamp, parse_basic, User, UserStore};
+use ksrpc_core::auth::{check_timestamp, parse_basic, AuthError, Peer, User, UserStore};
 use ksrpc_core::codec::{ChunkedZlib, Codec, Limits, Zstd};
 use ksrpc_core::native::{self, ClientMessage, ServerMessage};
 use ksrpc_core::{CompatRequest, Executor, NativeRequest};
@@ -129,22 +129,49 @@ pub async fn guard(
     let header = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
     check_timestamp(header("X-Timestamp"), now(), state.timestamp_window).map_err(|_| TransportError::Forbidden)?;
     let (name, password) = parse_basic(header("Authorization")).map_err(|_| TransportError::Unauthorized)?;
-    let user = authenticate(&state.users, name, password).await?;
+    let peer = Peer::of(req.peer_addr().map(|a| a.ip()));
+    let user = authenticate(&state.users, name, password, peer).await?;
     req.extensions_mut().insert(user);
     next.call(req).await
 }
 
 /// Verifies credentials: a cached success costs a keyed hash; a miss runs
-/// argon2 on the blocking pool, never on an async worker.
-async fn authenticate(users: &Arc<UserStore>, name: String, password: String) -> Result<Arc<User>, TransportError> {
+/// argon2 on the blocking pool, never on an async worker. A failure is
+/// logged and its 401 held back by the store's penalty for (name, peer),
+/// waited out here without holding a thread or a verification place.
+async fn authenticate(
+    users: &Arc<UserStore>,
+    name: String,
+    password: String,
+    peer: Peer,
+) -> Result<Arc<User>, TransportError> {
     if let Some(user) = users.verify_cached(&name, &password) {
         return Ok(user);
     }
-    let users = users.clone();
-    web::block(move || users.verify(&name, &password))
+    let store = users.clone();
+    let user = name.clone();
+    let verified = web::block(move || store.verify_from(&user, &password, peer))
         .await
-        .map_err(|e| TransportError::Internal(e.to_string()))?
-        .map_err(|_| TransportError::Unauthorized)
+        .map_err(|e| TransportError::Internal(e.to_string()))?;
+    match verified {
+        Ok(user) => Ok(user),
+        Err(AuthError::Throttled) => {
+            tracing::warn!(user = %name, %peer, reason = "throttled", "login refused: too many logins in progress from this address");
+            Err(TransportError::Throttled)
+        }
+        Err(AuthError::Busy) => {
+            tracing::warn!(user = %name, %peer, reason = "busy", "login refused: too many logins in progress");
+            Err(TransportError::Overloaded("too many logins in progress; retry shortly".into()))
+        }
+        Err(_) => {
+            let delay = users.penalty(&name, peer);
+            tracing::warn!(user = %name, %peer, reason = "wrong password or unknown user", delay_ms = delay.as_millis() as u64, "login failed");
+            if !delay.is_zero() {
+                actix_web::rt::time::sleep(delay).await;
+            }
+            Err(TransportError::Unauthorized)
+        }
+    }
 }
 
 /// The authenticated user that [`guard`] stored on the request.
