@@ -541,8 +541,7 @@ mod tests {
         let tuning = AuthTuning { max_misses_per_peer: 2, max_misses: 3, ..AuthTuning::default() };
         let mut store = UserStore::new(tuning);
         store.add_plain("u", "pw", RuleSet::default());
-        let (a, b, c) =
-            (Peer::of(Some([10, 0, 0, 1].into())), Peer::of(Some([10, 0, 0, 2].into())), Peer::of(None));
+        let (a, b, c) = (Peer::of(Some([10, 0, 0, 1].into())), Peer::of(Some([10, 0, 0, 2].into())), Peer::of(None));
         let a1 = store.admit(a).unwrap();
         let a2 = store.admit(a).unwrap();
         assert_eq!(store.admit(a).err(), Some(AuthError::Throttled));

@@ -45,7 +45,10 @@ fn flood(
 
 async fn add_as(ex: &PyExecutor, name: &str) -> String {
     let reply = ex
-        .call_compat(CompatRequest { user: user(name, &["allow *"]), payload: request("", DEMO, &call("add", "(1, 2)"), 0) })
+        .call_compat(CompatRequest {
+            user: user(name, &["allow *"]),
+            payload: request("", DEMO, &call("add", "(1, 2)"), 0),
+        })
         .await
         .expect("the call is accepted");
     let s = seen(&reply.body);
