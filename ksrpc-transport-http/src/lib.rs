@@ -156,16 +156,16 @@ async fn authenticate(
     match verified {
         Ok(user) => Ok(user),
         Err(AuthError::Throttled) => {
-            tracing::warn!(user = %name, %peer, reason = "throttled", "login refused: too many logins in progress from this address");
+            tracing::warn!(user = ?name, %peer, reason = "throttled", "login refused: too many logins in progress from this address");
             Err(TransportError::Throttled)
         }
         Err(AuthError::Busy) => {
-            tracing::warn!(user = %name, %peer, reason = "busy", "login refused: too many logins in progress");
+            tracing::warn!(user = ?name, %peer, reason = "busy", "login refused: too many logins in progress");
             Err(TransportError::Overloaded("too many logins in progress; retry shortly".into()))
         }
         Err(_) => {
             let delay = users.penalty(&name, peer);
-            tracing::warn!(user = %name, %peer, reason = "wrong password or unknown user", delay_ms = delay.as_millis() as u64, "login failed");
+            tracing::warn!(user = ?name, %peer, reason = "wrong password or unknown user", delay_ms = delay.as_millis() as u64, "login failed");
             if !delay.is_zero() {
                 actix_web::rt::time::sleep(delay).await;
             }
