@@ -3,6 +3,7 @@
 //! - [`chain`]: the call-chain AST shared by the compat and native protocols.
 //! - [`rules`]: `fnmatch`-exact module rules, first match wins, default deny.
 //! - [`auth`]: users, argon2id passwords, Basic auth and timestamp checks.
+//! - [`budget`]: the memory budget of bytes in flight, per user and server-wide.
 //! - [`codec`]: the [`codec::Codec`] trait, chunked zlib (0.8.1 framing) and zstd.
 //! - [`compat`]: replies the server must build without Python.
 //! - [`executor`]: the trait transports call to run a request.
@@ -14,6 +15,7 @@
 //! (a tidy test in `tests/tidy.rs` enforces it).
 
 pub mod auth;
+pub mod budget;
 pub mod chain;
 pub mod codec;
 pub mod compat;
@@ -24,6 +26,7 @@ pub mod pickle_scan;
 pub mod rules;
 
 pub use auth::{AuthError, Peer, User, UserStore};
+pub use budget::{BudgetError, MemoryBudget, Reservation};
 pub use chain::{Args, Call, CallChain};
 pub use codec::{ChunkedZlib, Codec, CodecError, Level, Limits, Zstd};
 pub use executor::{CompatReply, CompatRequest, ExecError, Executor, NativeRequest};

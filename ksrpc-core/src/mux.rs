@@ -193,6 +193,11 @@ impl Reassembler {
         }
     }
 
+    /// Bytes of half-received messages held.
+    pub fn buffered(&self) -> u64 {
+        self.buffered
+    }
+
     /// Unfinished messages.
     pub fn open_streams(&self) -> usize {
         self.open.len()

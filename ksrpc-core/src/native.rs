@@ -409,6 +409,11 @@ fn compress_parallel(raw: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The decoded size a message's zstd frame declares, if it declares one.
+pub fn declared_size(wire: &[u8]) -> Option<u64> {
+    zstd::zstd_safe::get_frame_content_size(wire).ok().flatten()
+}
+
 /// Whether decoding `wire` is cheap enough to do on an async worker: small
 /// on the wire and declaring a small decoded size (a frame without a
 /// declared size, or one that expands a lot, counts as heavy).

@@ -311,7 +311,7 @@ mod tests {
     fn memo_indexes_beyond_the_puts_so_far_are_careful() {
         assert!(!mutations_stay_local(b"\x80\x04Nr\xff\xff\xff\x03."));
         assert!(!mutations_stay_local(b"\x80\x04Nq\x05."));
-        assert!(!mutations_stay_local(b"\x80\x02Np99999999\n."));
+        assert!(!mutations_stay_local(b"\x80\x04Np99999999\n."));
         // what picklers write: sequential indexes (and a re-put of an old one)
         assert!(mutations_stay_local(b"\x80\x04Nq\x00Nq\x01Nq\x00."));
         assert!(mutations_stay_local(b"\x80\x04Nr\x00\x00\x00\x00\x94."));

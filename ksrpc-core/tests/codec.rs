@@ -5,7 +5,8 @@
 use bytes::Bytes;
 use flate2::{Compress, Compression, FlushCompress};
 use ksrpc_core::codec::{
-    decode_all, encode_to_vec, ChunkedZlib, Codec, CodecError, Flow, Level, Limits, WsEvent, WsFrame, Zstd, BORDER, EOF,
+    decode_all, encode_to_vec, ChunkedZlib, Codec, CodecError, Flow, Level, Limits, WsEvent, WsFrame, Zstd, BORDER,
+    EOF, MAX_DECODED_SLICE,
 };
 use proptest::prelude::*;
 
@@ -193,21 +194,41 @@ fn zero_bomb(n: usize) -> Vec<u8> {
     out
 }
 
+/// One slice of a 1 GiB zeros bomb is refused once it has inflated to the
+/// per-slice bound (8 MiB, 64 times a client's 128 KiB slice), long before
+/// the message's own limit: a bomb costs a few milliseconds, not a second
+/// of an async worker.
 #[test]
-fn one_gib_zlib_bomb_is_refused_at_the_decoded_limit() {
+fn one_gib_zlib_bomb_is_refused_at_the_slice_bound() {
     let mut wire = zero_bomb(1 << 30);
     assert!(wire.len() < 2 << 20, "bomb is ~1 MiB on the wire");
     wire.extend_from_slice(BORDER);
     let limits = Limits { max_encoded: 8 << 20, max_decoded: 64 << 20 };
     let err = decode_all(&ChunkedZlib::default(), &wire, limits).unwrap_err();
-    assert_eq!(err, CodecError::DecodedTooLarge { limit: 64 << 20 });
+    let want = CodecError::SliceInflatesTooMuch { index: 0, limit: MAX_DECODED_SLICE };
+    assert_eq!(err, want);
     // The same bomb over the WebSocket framing.
     let mut ws = ChunkedZlib::default().ws_decoder(limits);
     ws.binary(&wire[..wire.len() - BORDER.len()]).unwrap();
-    assert_eq!(
-        ws.text(std::str::from_utf8(BORDER).unwrap()).unwrap_err(),
-        CodecError::DecodedTooLarge { limit: 64 << 20 }
-    );
+    assert_eq!(ws.text(std::str::from_utf8(BORDER).unwrap()).unwrap_err(), want);
+    // Under a message limit below the slice bound, the message limit speaks.
+    let tight = Limits { max_encoded: 8 << 20, max_decoded: 1 << 20 };
+    let err = decode_all(&ChunkedZlib::default(), &wire, tight).unwrap_err();
+    assert_eq!(err, CodecError::DecodedTooLarge { limit: 1 << 20 });
+}
+
+/// Many slices, each within the slice bound, still stop at the message's
+/// decoded limit; exactly the slice bound is accepted.
+#[test]
+fn slices_within_the_bound_add_up_to_the_message_limit() {
+    let mut slice = zero_bomb(MAX_DECODED_SLICE as usize);
+    slice.extend_from_slice(BORDER);
+    let limits = Limits { max_encoded: 8 << 20, max_decoded: 20 << 20 };
+    let one = decode_all(&ChunkedZlib::default(), &slice, limits).unwrap();
+    assert_eq!(one.len() as u64, MAX_DECODED_SLICE);
+    let three = slice.repeat(3);
+    let err = decode_all(&ChunkedZlib::default(), &three, limits).unwrap_err();
+    assert_eq!(err, CodecError::DecodedTooLarge { limit: 20 << 20 });
 }
 
 #[test]

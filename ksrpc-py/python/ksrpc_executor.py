@@ -1150,15 +1150,19 @@ class _Ctx:
 # ---------------------------------------------------------------------------
 
 class _Handle:
-    __slots__ = ("user", "gen", "serial", "last", "busy")
+    __slots__ = ("user", "gen", "serial", "last", "busy", "closing")
 
     def __init__(self, user, gen, serial):
         self.user, self.gen, self.serial, self.last = user, gen, serial, time.monotonic()
         self.busy = False  # a call is advancing it (a generator runs one step at a time)
+        self.closing = False  # closed while busy: dropped when that call releases it
 
 
 class _Handles:
-    """Generators kept between calls: random ids, owned by a user, idle TTL, per-user LRU cap."""
+    """Generators kept between calls: random ids, owned by a user, idle TTL, per-user LRU cap.
+
+    A handle a call is advancing (`busy`) is never expired, evicted or dropped under that
+    call: closing it marks it, and the advancing call drops it when it lets go."""
 
     def __init__(self, ttl, cap):
         self._ttl, self._cap = float(ttl), max(1, int(cap))
@@ -1172,14 +1176,24 @@ class _Handles:
     def add(self, user, gen, serial):
         with self._lock:
             dropped = self._expire(time.monotonic())
-            mine = [k for k, h in self._items.items() if h.user == user]
-            while len(mine) >= self._cap:
-                dropped.append(self._items.pop(mine.pop(0)))
-            hid = 0
-            while hid == 0 or hid in self._items:
-                hid = secrets.randbits(63)
-            self._items[hid] = _Handle(user, gen, serial)
+            idle = [k for k, h in self._items.items() if h.user == user and not h.busy]
+            mine = sum(1 for h in self._items.values() if h.user == user)
+            while mine >= self._cap and idle:
+                dropped.append(self._items.pop(idle.pop(0)))
+                mine -= 1
+            if mine >= self._cap:
+                # every one of the user's generators is being advanced right now
+                dropped.append(gen)
+                gen = None
+            else:
+                hid = 0
+                while hid == 0 or hid in self._items:
+                    hid = secrets.randbits(63)
+                self._items[hid] = _Handle(user, gen, serial)
         del dropped  # generators are finalized here, outside the lock
+        if gen is None:
+            raise RuntimeError(f"too many open generators: all {self._cap} of this user's generator "
+                               f"handles are being advanced by calls; wait for one to finish or close one")
         return hid
 
     def take(self, user, hid):
@@ -1187,7 +1201,7 @@ class _Handles:
             now = time.monotonic()
             dropped = self._expire(now)
             h = self._items.get(hid)
-            if h is not None and h.user == user:
+            if h is not None and h.user == user and not h.closing:
                 if h.busy:
                     # Advancing a running generator raises, and a generator that raised is dropped:
                     # the second caller is told, the handle stays for the first.
@@ -1202,13 +1216,32 @@ class _Handles:
         if h is None:
             # Not StopIteration: the client would silently end the user's iteration.
             raise LookupError(f"generator handle {hid} is unknown: it expired (idle > {self._ttl:g} s), "
-                              f"was evicted (over {self._cap} per user), was exhausted, or belongs to another user")
+                              f"was evicted (over {self._cap} per user), was exhausted or closed, "
+                              f"or belongs to another user")
         return h
 
     def release(self, h):
+        dropped = None
         with self._lock:
             h.busy = False
             h.last = time.monotonic()
+            if h.closing:
+                for k, v in list(self._items.items()):
+                    if v is h:
+                        dropped = self._items.pop(k)
+        del dropped
+
+    def close(self, user, hid):
+        """The owner closes a handle: dropped now, or when the call advancing it lets go."""
+        with self._lock:
+            h = self._items.get(hid)
+            if h is None or h.user != user:
+                return
+            if h.busy:
+                h.closing = True
+                return
+            del self._items[hid]
+        del h
 
     def drop(self, hid):
         with self._lock:
@@ -1313,9 +1346,9 @@ class Executor:
             serial = self._serial is not None and self._is_serial(module)
             if ref_id:
                 if len(calls) == 1 and calls[0].name == "close" and not calls[0].args and not calls[0].kwargs:
-                    # CloseHandle: the chain `<handle>.close()` frees it (only the owner's).
-                    self._handles.take(ctx.user, ref_id)
-                    self._handles.drop(ref_id)
+                    # CloseHandle: the chain `<handle>.close()` frees it (only the owner's),
+                    # at once or, while a call advances it, as soon as that call ends.
+                    self._handles.close(ctx.user, ref_id)
                     return "exhausted", None
                 try:
                     return "ok", self._advance(ctx, ref_id)

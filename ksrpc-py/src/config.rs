@@ -56,7 +56,7 @@ impl Default for PythonConfig {
             unpickle_allow: Vec::new(),
             allow_code: false,
             serial_modules: Vec::new(),
-            max_reply_bytes: 2 << 30,
+            max_reply_bytes: 1 << 30,
         }
     }
 }

@@ -1,24 +1,27 @@
-//! Starting the embedded interpreter and preparing `sys.path`.
+//! Starting the embedded interpreter, preparing `sys.path`, and serving
+//! the bundled Python modules from memory.
 
 use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
-use pyo3::types::PyList;
-use sha2::{Digest, Sha256};
+use pyo3::types::{PyDict, PyList};
 
 use crate::{PythonConfig, StartError};
 
-/// The pure-Python files the server ships: a minimal `ksrpc` package (the
+/// The pure-Python modules the server ships: a minimal `ksrpc` package (the
 /// client stand-ins that request pickles name, and the demo module) and the
-/// executor logic.
-const BUNDLED: &[(&str, &str)] = &[
-    ("ksrpc/__init__.py", include_str!("../python/ksrpc/__init__.py")),
-    ("ksrpc/client.py", include_str!("../python/ksrpc/client.py")),
-    ("ksrpc/server/__init__.py", include_str!("../python/ksrpc/server/__init__.py")),
-    ("ksrpc/server/demo.py", include_str!("../python/ksrpc/server/demo.py")),
-    ("ksrpc_executor.py", include_str!("../python/ksrpc_executor.py")),
-    ("ksrpc_capability.py", include_str!("../python/ksrpc_capability.py")),
+/// executor logic, as (module name, is a package, source).
+const BUNDLED: &[(&str, bool, &str)] = &[
+    ("ksrpc", true, include_str!("../python/ksrpc/__init__.py")),
+    ("ksrpc.client", false, include_str!("../python/ksrpc/client.py")),
+    ("ksrpc.server", true, include_str!("../python/ksrpc/server/__init__.py")),
+    ("ksrpc.server.demo", false, include_str!("../python/ksrpc/server/demo.py")),
+    ("ksrpc_executor", false, include_str!("../python/ksrpc_executor.py")),
+    ("ksrpc_capability", false, include_str!("../python/ksrpc_capability.py")),
 ];
+
+/// The finder that serves [`BUNDLED`] from memory (see its docstring).
+const BUNDLE_FINDER: &str = include_str!("../python/bundle_finder.py");
 
 /// Formats a Python exception with its traceback, for errors and logs.
 pub(crate) fn describe(py: Python<'_>, err: &PyErr) -> String {
@@ -26,32 +29,21 @@ pub(crate) fn describe(py: Python<'_>, err: &PyErr) -> String {
     format!("{tb}{err}")
 }
 
-/// Writes the bundled files into a directory named after their hash (so
-/// several servers and versions can share a temp dir) and returns it.
-fn install_bundle() -> Result<PathBuf, StartError> {
-    let mut h = Sha256::new();
-    for (name, text) in BUNDLED {
-        h.update(name.as_bytes());
-        h.update([0]);
-        h.update(text.as_bytes());
+/// Makes the bundled modules importable without writing a file: a finder
+/// last on `sys.meta_path` serves them from the texts compiled into this
+/// binary, so no directory another local user could plant or change is ever
+/// imported from, and an installed package of the same name still wins.
+fn install_bundle(py: Python<'_>) -> PyResult<()> {
+    let globals = PyDict::new(py);
+    globals.set_item("__name__", "ksrpc_bundle_finder")?;
+    let code = std::ffi::CString::new(BUNDLE_FINDER).expect("the finder's source has no NUL");
+    py.run(&code, Some(&globals), None)?;
+    let sources = PyDict::new(py);
+    for (name, is_package, text) in BUNDLED {
+        sources.set_item(name, (text, is_package))?;
     }
-    let digest = h.finalize();
-    let tag: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let dir = std::env::temp_dir().join(format!("ksrpc-py-{tag}"));
-    if dir.join("ksrpc_executor.py").exists() {
-        return Ok(dir);
-    }
-    let tmp = std::env::temp_dir().join(format!("ksrpc-py-{tag}.{}.tmp", std::process::id()));
-    for (name, text) in BUNDLED {
-        let path = tmp.join(name);
-        std::fs::create_dir_all(path.parent().expect("bundled files live in a directory"))?;
-        std::fs::write(path, text)?;
-    }
-    // Another process may have won the race; its copy is identical.
-    if std::fs::rename(&tmp, &dir).is_err() {
-        std::fs::remove_dir_all(&tmp).ok();
-    }
-    Ok(dir)
+    let install = globals.get_item("install")?.expect("bundle_finder.py defines install");
+    install.call1((sources,)).map(drop)
 }
 
 /// The site-packages directory of `venv` and its Python version (`3.12`).
@@ -87,7 +79,6 @@ pub enum Host {
 /// object of `ksrpc_executor.py`.
 pub fn start(config: &PythonConfig, host: Host) -> Result<Py<PyAny>, StartError> {
     Python::initialize();
-    let bundle = install_bundle()?;
     let venv = match host {
         Host::Embedded => config.venv.clone().or_else(|| std::env::var_os("VIRTUAL_ENV").map(PathBuf::from)),
         Host::Extension => None,
@@ -127,8 +118,8 @@ pub fn start(config: &PythonConfig, host: Host) -> Result<Py<PyAny>, StartError>
         for extra in &config.path {
             path.append(extra.to_string_lossy().as_ref()).map_err(py_err)?;
         }
-        // Last on sys.path: an installed real ksrpc package wins over ours.
-        path.append(bundle.to_string_lossy().as_ref()).map_err(py_err)?;
+        // Last on sys.meta_path: an installed real ksrpc package wins over ours.
+        install_bundle(py).map_err(py_err)?;
 
         let version: String = sys.getattr("version").and_then(|v| v.extract()).map_err(py_err)?;
         let executable: String = sys.getattr("executable").and_then(|v| v.extract()).unwrap_or_default();

@@ -1,7 +1,8 @@
 //! ksrpc-py: the embedded-CPython executor.
 //!
 //! - [`interp`] starts the interpreter once, adds the configured venv and
-//!   paths, and installs the server's own minimal `ksrpc` package.
+//!   paths, and serves the server's own minimal `ksrpc` package and the
+//!   executor's modules from memory (nothing is written to disk).
 //! - [`PyExecutor`] implements the core [`Executor`](ksrpc_core::Executor)
 //!   trait: calls run on a bounded pool of Python threads (never on a tokio
 //!   or actix worker), coroutines on one asyncio loop thread (inside
@@ -47,8 +48,8 @@ pub enum StartError {
     /// whose packages are its own.
     #[error("python.venv = {0:?} makes no sense when the server runs inside your Python process: install packages into this interpreter (or start the `ksrpc-server` binary with that venv)")]
     HostVenv(String),
-    /// Writing the bundled Python package to disk failed.
-    #[error("installing the bundled ksrpc package: {0}")]
+    /// Starting the executor's threads failed.
+    #[error("starting the executor's threads: {0}")]
     Io(#[from] std::io::Error),
     /// Python raised while setting up (message and traceback).
     #[error("python start-up failed: {0}")]

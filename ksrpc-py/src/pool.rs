@@ -345,6 +345,13 @@ fn run_native(
         "ok" => {
             let obj = result.get_item(1).map_err(internal)?;
             match crate::convert::from_py(py, &obj, 0) {
+                // The same bound as a compat reply's pickle (before encoding:
+                // the encoded reply is this size or smaller).
+                Ok(v) if v.weight() as u64 > shared.config.max_reply_bytes => Outcome::Err(RemoteError {
+                    kind: "MemoryError".into(),
+                    message: over_reply_limit(v.weight() as u64, shared.config.max_reply_bytes),
+                    traceback: String::new(),
+                }),
                 Ok(v) => Outcome::Ok(v),
                 Err(e) => Outcome::Err(remote_error(py, &e)),
             }
@@ -394,11 +401,16 @@ fn run_compat(
     }
     let len = reply.as_bytes().len() as u64;
     if len > shared.config.max_reply_bytes {
-        let msg = format!("the reply is {len} bytes, over the server's limit of {}", shared.config.max_reply_bytes);
+        let msg = over_reply_limit(len, shared.config.max_reply_bytes);
         let body = compat::error_reply("", "MemoryError", &msg, "", &compat::utc_now_iso());
         return Ok(CompatReply { status: 500, body: body.into(), summary });
     }
     Ok(CompatReply { status, body: zero_copy(reply), summary })
+}
+
+/// The error message of a reply over `python.max_reply_bytes`.
+fn over_reply_limit(len: u64, limit: u64) -> String {
+    format!("the reply is {len} bytes, over the server's limit of {limit} (python.max_reply_bytes)")
 }
 
 fn control_loop(shared: &Arc<Shared>, rx: &Receiver<Control>) {

@@ -44,6 +44,8 @@ pub struct ServerSection {
     pub shutdown_grace: u64,
     /// HTTP worker threads (0 = one per core).
     pub workers: usize,
+    /// `[server.tls]`: serve HTTPS and WSS with this certificate and key.
+    pub tls: Option<crate::tls::TlsSection>,
 }
 
 impl Default for ServerSection {
@@ -55,6 +57,7 @@ impl Default for ServerSection {
             timestamp_window: 30.0,
             shutdown_grace: 30,
             workers: 0,
+            tls: None,
         }
     }
 }
@@ -88,6 +91,13 @@ pub struct LimitsSection {
     /// Calls of one user running on a Python thread at once; 0 = half of
     /// `python.threads`. Calls stuck past their timeout keep counting.
     pub max_running_per_user: usize,
+    /// Bytes of requests being read and replies being sent, all users
+    /// together; past it new requests get 503.
+    pub max_inflight_bytes: u64,
+    /// The same for one user.
+    pub max_inflight_bytes_per_user: u64,
+    /// Seconds a request body may send nothing before it is answered 408.
+    pub body_idle_timeout: f64,
     /// Seconds an idle generator handle lives.
     pub handle_ttl: f64,
     /// Generator handles per user.
@@ -105,6 +115,9 @@ impl Default for LimitsSection {
             call_timeout: py.call_timeout,
             max_calls_per_user: py.max_calls_per_user,
             max_running_per_user: 0,
+            max_inflight_bytes: 4 << 30,
+            max_inflight_bytes_per_user: 1 << 30,
+            body_idle_timeout: 60.0,
             handle_ttl: py.handle_ttl,
             handle_cap: py.handle_cap,
         }
@@ -242,12 +255,17 @@ impl Config {
             ("server.timestamp_window", self.server.timestamp_window, true),
             ("limits.call_timeout", self.limits.call_timeout, false),
             ("limits.handle_ttl", self.limits.handle_ttl, false),
+            ("limits.body_idle_timeout", self.limits.body_idle_timeout, false),
         ];
         for (key, value, zero_ok) in seconds {
             if !value.is_finite() || value < 0.0 || (value == 0.0 && !zero_ok) {
                 let want = if zero_ok { "a finite number >= 0" } else { "a finite number > 0" };
                 bail!("{key} must be {want} of seconds (got {value})");
             }
+        }
+        if let Some(tls) = &self.server.tls {
+            // Read now, so a bad file stops start-up before anything else runs.
+            tls.server_config()?;
         }
         self.codec.level.parse()?;
         if self.codec.slice_size == 0 || self.codec.slice_size > DEFAULT_MAX_ENCODED_SLICE / 2 {
@@ -271,6 +289,11 @@ impl Config {
             level: self.codec.level.parse().expect("validated"),
             max_encoded_slice: DEFAULT_MAX_ENCODED_SLICE,
         }
+    }
+
+    /// The memory budget of bytes in flight.
+    pub fn budget(&self) -> std::sync::Arc<ksrpc_core::MemoryBudget> {
+        ksrpc_core::MemoryBudget::new(self.limits.max_inflight_bytes, self.limits.max_inflight_bytes_per_user)
     }
 
     /// Limits on one request.

@@ -14,6 +14,7 @@
 
 pub mod config;
 mod run;
+pub mod tls;
 mod users;
 
 pub use config::{Config, Overrides};

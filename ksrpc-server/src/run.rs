@@ -32,6 +32,8 @@ pub enum Signals {
 pub struct Running {
     addrs: Vec<SocketAddr>,
     path: String,
+    /// `http` or `https`.
+    scheme: &'static str,
     handle: ServerHandle,
     thread: Option<JoinHandle<Result<()>>>,
 }
@@ -43,12 +45,13 @@ type Ready = Result<(Vec<SocketAddr>, ServerHandle)>;
 /// or with the bind error, which names the address.
 pub fn start(config: Config, users: UserStore, executor: PyExecutor, signals: Signals) -> Result<Running> {
     let path = config.server.path.clone();
+    let scheme = if config.server.tls.is_some() { "https" } else { "http" };
     let (tx, rx) = mpsc::channel::<Ready>();
     let thread = std::thread::Builder::new()
         .name("ksrpc-http".into())
         .spawn(move || actix_web::rt::System::new().block_on(serve(config, users, executor, signals, tx)))?;
     match rx.recv() {
-        Ok(Ok((addrs, handle))) => Ok(Running { addrs, path, handle, thread: Some(thread) }),
+        Ok(Ok((addrs, handle))) => Ok(Running { addrs, path, scheme, handle, thread: Some(thread) }),
         Ok(Err(e)) => {
             let _ = thread.join();
             Err(e)
@@ -61,9 +64,10 @@ pub fn start(config: Config, users: UserStore, executor: PyExecutor, signals: Si
 }
 
 impl Running {
-    /// The base URLs, as the 0.8.1 client takes them (`http://127.0.0.1:8080/api/v1`).
+    /// The base URLs, as the 0.8.1 client takes them (`http://127.0.0.1:8080/api/v1`,
+    /// `https://...` with `[server.tls]`).
     pub fn urls(&self) -> Vec<String> {
-        self.addrs.iter().map(|a| format!("http://{a}{}", self.path)).collect()
+        self.addrs.iter().map(|a| format!("{}://{a}{}", self.scheme, self.path)).collect()
     }
 
     /// The bound addresses.
@@ -143,11 +147,12 @@ fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<
         );
     }
     let host_is_loopback = matches!(config.server.host.as_str(), "127.0.0.1" | "localhost" | "::1");
-    if !host_is_loopback {
+    let tls = config.server.tls.as_ref().map(crate::tls::TlsSection::server_config).transpose()?;
+    if !host_is_loopback && tls.is_none() {
         tracing::warn!(
             host = %config.server.host,
             "listening beyond loopback without TLS: passwords and data travel in clear; \
-             put a TLS proxy (or an frp tunnel with TLS) in front"
+             set [server.tls] cert and key, or put a TLS proxy (or an frp tunnel with TLS) in front"
         );
     }
     let state = web::Data::new(HttpState {
@@ -157,6 +162,8 @@ fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<
         limits: config.limits(),
         timestamp_window: config.server.timestamp_window,
         in_flight: Default::default(),
+        budget: config.budget(),
+        body_idle: Duration::from_secs_f64(config.limits.body_idle_timeout),
     });
     let app_path = path;
     let mut server = HttpServer::new(move || {
@@ -171,8 +178,11 @@ fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<
     if config.server.workers > 0 {
         server = server.workers(config.server.workers);
     }
-    let server = server
-        .bind((config.server.host.as_str(), config.server.port))
-        .with_context(|| format!("binding {}:{}", config.server.host, config.server.port))?;
+    let addr = (config.server.host.as_str(), config.server.port);
+    let server = match tls {
+        Some(tls) => server.bind_rustls_0_23(addr, tls),
+        None => server.bind(addr),
+    }
+    .with_context(|| format!("binding {}:{}", config.server.host, config.server.port))?;
     Ok((server.addrs(), server.disable_signals().run()))
 }

@@ -4,6 +4,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+
 const BIN: &str = env!("CARGO_BIN_EXE_ksrpc-server");
 
 #[test]
@@ -47,15 +49,7 @@ fn with_no_config_it_starts_safely_and_prints_a_generated_password() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !line.contains("listening on") && Instant::now() < deadline {
-        line.clear();
-        if stdout.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-    }
+    let line = listening_line(&mut child);
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     let mut stderr = String::new();
     child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
@@ -65,4 +59,126 @@ fn with_no_config_it_starts_safely_and_prints_a_generated_password() {
     assert!(stderr.contains("created user `admin` with password `"), "{stderr}");
     assert_eq!(stderr.matches("with password").count(), 1, "printed once");
     assert!(status.success(), "SIGTERM stops it gracefully: {status:?}\n{stderr}");
+}
+
+/// Reads the child's stdout up to its "listening on" line (or its end, or
+/// 60 s) and returns that last line.
+fn listening_line(child: &mut std::process::Child) -> String {
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !line.contains("listening on") && Instant::now() < deadline {
+        line.clear();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+    }
+    line
+}
+
+/// The Python half used to be written to `$TMPDIR/ksrpc-py-<hash of the
+/// sources>` and imported from there whenever that directory already held
+/// `ksrpc_executor.py`, its contents never checked: another local user could
+/// create it first and run code in the server. Plant exactly that directory
+/// (a copy of the real sources with one extra line) and check the server
+/// neither runs it nor writes anything to the temp dir.
+#[test]
+fn a_python_bundle_planted_in_the_temp_dir_is_never_imported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("planted-code-ran");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ksrpc-py/python");
+    let files = [
+        "ksrpc/__init__.py",
+        "ksrpc/client.py",
+        "ksrpc/server/__init__.py",
+        "ksrpc/server/demo.py",
+        "ksrpc_executor.py",
+        "ksrpc_capability.py",
+    ];
+    // The directory name the server derived from its sources.
+    let mut h = Sha256::new();
+    for name in files {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(std::fs::read(src.join(name)).unwrap());
+    }
+    let tag: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let planted = tmp.path().join(format!("ksrpc-py-{tag}"));
+    for name in files {
+        let mut text = std::fs::read_to_string(src.join(name)).unwrap();
+        if name == "ksrpc_executor.py" {
+            // right after its `from __future__` line, which must come first
+            let plant = format!("\nopen({:?}, 'w').write('planted')\n", marker.display().to_string());
+            let at = text.find("from __future__ import annotations").map_or(0, |i| i + text[i..].find('\n').unwrap());
+            text.insert_str(at, &plant);
+        }
+        let path = planted.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let before = entries(tmp.path());
+
+    let mut child = Command::new(BIN)
+        .args(["--port", "0"])
+        .env_remove("KSRPC_CONFIG")
+        .env("TMPDIR", tmp.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = listening_line(&mut child);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("listening on"), "the server started: {line:?}");
+    assert!(!marker.exists(), "the server imported code planted in its temp dir");
+    assert_eq!(entries(tmp.path()), before, "the server wrote to the temp dir");
+}
+
+/// The names under `dir` (recursively), sorted.
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            if e.path().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A `[server.tls]` whose files are missing or not PEM stops start-up with
+/// an error naming the key and the file.
+#[test]
+fn bad_tls_files_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    for (case, expect) in [("missing", "server.tls.cert"), ("garbage", "server.tls.cert")] {
+        let config = dir.path().join(format!("{case}.toml"));
+        let cert_path = if case == "missing" { dir.path().join("nowhere.pem") } else { cert.clone() };
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nport = 0\n[server.tls]\ncert = {:?}\nkey = {:?}\n",
+                cert_path.display().to_string(),
+                key.display().to_string()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(BIN).arg("--config").arg(&config).env("RUST_LOG", "warn").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{case}: started anyway");
+        assert!(stderr.contains(expect), "{case}: {stderr}");
+    }
+    // only one of the two keys
+    let config = dir.path().join("half.toml");
+    std::fs::write(&config, format!("[server.tls]\ncert = {:?}\n", cert.display().to_string())).unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key"), "{}", String::from_utf8_lossy(&out.stderr));
 }

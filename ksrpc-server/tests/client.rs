@@ -25,6 +25,11 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Server::start_with(4, "")
+    }
+
+    /// A server with `threads` Python threads and `extra` TOML appended.
+    fn start_with(threads: usize, extra: &str) -> Server {
         let venv = std::env::var("KSRPC_TEST_VENV").expect("KSRPC_TEST_VENV is not set: run `cargo xtask test`");
         let modules = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/server_modules");
         let dir = tempfile::tempdir().unwrap();
@@ -44,7 +49,8 @@ rules = ["allow ksrpc.server.demo", "allow bench_mod", "allow capsdk", "deny cap
 [python]
 venv = {venv:?}
 path = [{modules:?}]
-threads = 4
+threads = {threads}
+{extra}
 "#,
                 ADMIN.1, LIMITED.1
             ),
@@ -473,6 +479,52 @@ async fn https_and_wss_through_a_tls_front_with_a_private_root() {
     }
 }
 
+/// A fresh self-signed certificate for `localhost` written as PEM files:
+/// (dir holding `cert.pem` and `key.pem`, the certificate's PEM).
+fn self_signed_files() -> (tempfile::TempDir, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    (dir, cert.cert.pem())
+}
+
+/// `[server.tls]`: the server's own HTTPS and WSS on its one port, trusted
+/// through a private root; refused without it, and plain HTTP gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_and_wss_from_the_servers_own_tls_with_a_private_root() {
+    let (certs, pem) = self_signed_files();
+    let tls = format!(
+        "[server.tls]\ncert = {:?}\nkey = {:?}\n",
+        certs.path().join("cert.pem").display().to_string(),
+        certs.path().join("key.pem").display().to_string()
+    );
+    let server = Server::start_with(4, &tls);
+    assert!(server.base.starts_with("https://127.0.0.1:"), "the listening line says https: {}", server.base);
+    let port = server.base.trim_start_matches("https://127.0.0.1:").split('/').next().unwrap().to_owned();
+    for url in [format!("https://localhost:{port}/api/v1"), format!("wss://localhost:{port}/api/v1/ws")] {
+        let client = Client::builder(&url)
+            .add_root_certificate_pem(pem.clone())
+            .credentials(ADMIN.0, ADMIN.1)
+            .connect()
+            .await
+            .unwrap();
+        assert_eq!(client.module("ksrpc.server.demo").call("add", (1, 2)).await.unwrap(), Value::Int(3), "{url}");
+        let frame = client.module("bench_mod").call("market_frame", (300,)).record_batches().await.unwrap();
+        assert_eq!(frame.iter().map(|b| b.num_rows()).sum::<usize>(), 300);
+        let untrusted = async {
+            let c = Client::builder(&url).credentials(ADMIN.0, ADMIN.1).connect().await?;
+            c.module("ksrpc.server.demo").call("add", (1, 2)).await
+        };
+        let err = untrusted.await.unwrap_err();
+        assert!(matches!(err, Error::Connection(_)), "{url}: {err}");
+    }
+    // Plain HTTP on the TLS port: no answer a client could take for a reply.
+    let plain = Client::builder(format!("http://127.0.0.1:{port}/api/v1")).credentials(ADMIN.0, ADMIN.1);
+    let attempt = async { plain.connect().await?.module("ksrpc.server.demo").call("add", (1, 2)).await };
+    assert!(tokio::time::timeout(Duration::from_secs(30), attempt).await.expect("answered or closed").is_err());
+}
+
 #[test]
 fn the_blocking_client_works_from_plain_threads() {
     let server = Server::start();
@@ -597,9 +649,53 @@ async fn hostile_frames_close_the_socket_with_a_reason_and_others_go_on() {
 }
 
 fn sleep_call(id: u64) -> ksrpc_core::native::ClientMessage {
+    sleep_for(id, 1.0)
+}
+
+fn sleep_for(id: u64, seconds: f64) -> ksrpc_core::native::ClientMessage {
     let chain =
-        ksrpc_core::CallChain::new("bench_mod").then(ksrpc_core::Call::method("sleep", vec![Value::Float(1.0)]));
+        ksrpc_core::CallChain::new("bench_mod").then(ksrpc_core::Call::method("sleep", vec![Value::Float(seconds)]));
     ksrpc_core::native::ClientMessage::Call { id, chain }
+}
+
+/// `CloseHandle` messages used to start a task each outside the socket's
+/// backpressure: while the socket's call places were all taken, a client
+/// could queue any number of them (each a task and a message held). Now
+/// they count against the 1024 accepted-and-unanswered messages like calls,
+/// so past that the socket is not read (seen here: a ping sent after 1100 of
+/// them is answered only once the calls holding the places end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_handle_floods_count_against_the_sockets_backpressure() {
+    use ksrpc_core::mux::{frame, Header};
+    use ksrpc_core::native::ClientMessage;
+    let server = Server::start_with(40, "[limits]\nmax_running_per_user = 32");
+    let (mut ws, _) = ws_connect(&server).await;
+    let send = |id: u64, m: &ClientMessage| {
+        tungstenite::Message::Binary(frame(Header { id, fin: true, total: None }, &versioned(1, m)))
+    };
+    for id in 1..=32 {
+        ws.send(send(id, &sleep_for(id, 3.0))).await.unwrap();
+    }
+    for i in 0..1100u64 {
+        let handle = std::num::NonZeroU64::new(1_000_000 + i).unwrap();
+        ws.send(send(100 + i, &ClientMessage::CloseHandle { handle })).await.unwrap();
+    }
+    let pinged = Instant::now();
+    ws.send(tungstenite::Message::Ping(b"still reading?".to_vec().into())).await.unwrap();
+    let mut replies = 0;
+    let pong_after = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.expect("the pong comes");
+        match msg {
+            Some(Ok(tungstenite::Message::Pong(_))) => break pinged.elapsed(),
+            Some(Ok(tungstenite::Message::Binary(_))) => replies += 1,
+            Some(Ok(_)) => {}
+            other => panic!("the socket ended: {other:?}"),
+        }
+    };
+    assert!(
+        pong_after >= Duration::from_millis(1500),
+        "the socket was read past 1024 pending messages: pong after {pong_after:?}, {replies} replies before it"
+    );
 }
 
 type RawWs = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -638,6 +734,99 @@ async fn read_until_close(ws: &mut RawWs) -> (Vec<String>, Option<u16>) {
             Some(Err(_)) | None => return (reasons, None),
         }
     }
+}
+
+/// Starts a compat upload (`POST /chunk`) announcing `total` bytes and
+/// sends `first` of them; the connection stays open.
+async fn start_upload(
+    server: &Server,
+    (user, password): (&str, &str),
+    total: usize,
+    first: &[u8],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let rest = server.base.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let head = format!(
+        "POST /{path}/chunk HTTP/1.1\r\nHost: {host}\r\nAuthorization: {}\r\nX-Timestamp: {}\r\n\
+         Content-Length: {total}\r\n\r\n",
+        basic(user, password),
+        timestamp(),
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(first).await.unwrap();
+    stream
+}
+
+/// The status line's code of the response on `stream`, or `None` when none
+/// comes within `wait`.
+async fn status_within(stream: &mut tokio::net::TcpStream, wait: Duration) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        while !got.windows(2).any(|w| w == b"\r\n") {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).split(' ').nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(wait, read).await.ok().flatten()
+}
+
+/// Three unfinished uploads of a few KiB each could pin 1.5 GiB of decoded
+/// payload: nothing bounded the bytes requests hold. With a memory budget
+/// (here 120 MB per user), a user's second big unfinished upload is answered
+/// 503 at once, another user's upload and calls go on, and closing the first
+/// gives its bytes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_uploads_cannot_take_the_memory_of_others() {
+    let server = Server::start_with(
+        4,
+        "[limits]\nmax_inflight_bytes = 400000000\nmax_inflight_bytes_per_user = 120000000\nbody_idle_timeout = 30.0",
+    );
+    // Nine slices of 8 MiB of zeros, ~8 KiB each on the wire: 72 MiB decoded.
+    let slice = {
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut z, &vec![0u8; ksrpc_core::codec::MAX_DECODED_SLICE as usize]).unwrap();
+        let mut s = z.finish().unwrap();
+        s.extend_from_slice(ksrpc_core::codec::BORDER);
+        s
+    };
+    let part = slice.repeat(9);
+    let total = part.len() * 100;
+    let mut first = start_upload(&server, ADMIN, total, &part).await;
+    assert_eq!(status_within(&mut first, Duration::from_secs(2)).await, None, "the first upload is read and waits");
+    let mut second = start_upload(&server, ADMIN, total, &part).await;
+    assert_eq!(
+        status_within(&mut second, Duration::from_secs(20)).await,
+        Some(503),
+        "the same user's second big unfinished upload is refused at once"
+    );
+    // Another user is not affected: a complete upload of the same size is
+    // read to its end (then refused for not being a pickle), and calls work.
+    let mut other = start_upload(&server, LIMITED, part.len(), &part).await;
+    assert_eq!(status_within(&mut other, Duration::from_secs(20)).await, Some(400));
+    let client = server.client(Transport::Http, LIMITED).await;
+    assert_eq!(client.module("ksrpc.server.demo").call("add", (1, 2)).await.unwrap(), Value::Int(3));
+    // Closing the first upload gives its bytes back: the user may upload again.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut again = start_upload(&server, ADMIN, part.len(), &part).await;
+    assert_eq!(status_within(&mut again, Duration::from_secs(20)).await, Some(400));
+}
+
+/// A body that stops sending is answered 408 after `limits.body_idle_timeout`
+/// (it used to wait forever, holding what it had sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_sending_gets_408() {
+    let server = Server::start_with(4, "[limits]\nbody_idle_timeout = 1.0");
+    let mut stalled = start_upload(&server, ADMIN, 1 << 20, b"x").await;
+    assert_eq!(status_within(&mut stalled, Duration::from_secs(20)).await, Some(408));
 }
 
 /// A bare HTTP/1.1 POST with credentials; returns status and body.

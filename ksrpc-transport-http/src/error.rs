@@ -24,6 +24,13 @@ pub enum TransportError {
     /// The body or its decoded payload exceeds a limit (413).
     #[error("payload too large: {0}")]
     TooLarge(String),
+    /// The body sent nothing for this many seconds (408).
+    #[error("the request body sent nothing for {0} s (limits.body_idle_timeout)")]
+    BodyIdle(f64),
+    /// The memory budget of bytes in flight (the user's or the server's) is
+    /// spent (503 + `Retry-After`).
+    #[error("busy: {0}")]
+    OverBudget(#[from] ksrpc_core::BudgetError),
     /// Too many calls in flight (503).
     #[error("busy: {0}")]
     Overloaded(String),
@@ -40,7 +47,8 @@ impl From<CodecError> for TransportError {
         match e {
             CodecError::EncodedTooLarge { .. }
             | CodecError::DecodedTooLarge { .. }
-            | CodecError::SliceTooLarge { .. } => TransportError::TooLarge(e.to_string()),
+            | CodecError::SliceTooLarge { .. }
+            | CodecError::SliceInflatesTooMuch { .. } => TransportError::TooLarge(e.to_string()),
             CodecError::Cancelled | CodecError::Compress(_) => TransportError::Internal(e.to_string()),
             _ => TransportError::BadRequest(e.to_string()),
         }
@@ -66,7 +74,10 @@ impl ResponseError for TransportError {
             TransportError::Throttled => StatusCode::TOO_MANY_REQUESTS,
             TransportError::BadRequest(_) => StatusCode::BAD_REQUEST,
             TransportError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            TransportError::Overloaded(_) | TransportError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            TransportError::BodyIdle(_) => StatusCode::REQUEST_TIMEOUT,
+            TransportError::Overloaded(_) | TransportError::OverBudget(_) | TransportError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             TransportError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -77,7 +88,7 @@ impl ResponseError for TransportError {
         if matches!(self, TransportError::Unauthorized) {
             res.insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="Restricted Area""#));
         }
-        if matches!(self, TransportError::Throttled) {
+        if matches!(self, TransportError::Throttled | TransportError::OverBudget(_)) {
             res.insert_header((header::RETRY_AFTER, "1"));
         }
         res.body(self.to_string())

@@ -15,21 +15,23 @@ mod reply;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use ksrpc_core::auth::{check_timestamp, parse_basic, AuthError, Peer, User, UserStore};
-use ksrpc_core::codec::{ChunkedZlib, Codec, Limits, Zstd};
+use ksrpc_core::budget::{MemoryBudget, Reservation};
+use ksrpc_core::codec::{ChunkedZlib, Codec, Limits};
 use ksrpc_core::native::{self, ClientMessage, ServerMessage};
-use ksrpc_core::{CompatRequest, Executor, NativeRequest};
+use ksrpc_core::{CompatReply, CompatRequest, Executor, NativeRequest};
 use tokio::sync::oneshot;
 
 pub use error::TransportError;
-pub use reply::{log_call, stream_reply};
+pub use reply::{log_call, stream_reply, SEND_TIMEOUT};
 
 /// What every route needs; registered once as `web::Data<HttpState>`.
 #[derive(Clone)]
@@ -46,6 +48,10 @@ pub struct HttpState {
     pub timestamp_window: f64,
     /// Native HTTP calls in flight, for `Cancel`.
     pub in_flight: InFlight,
+    /// Bytes of requests and replies in flight, per user and in total.
+    pub budget: Arc<MemoryBudget>,
+    /// A request body that sends nothing for this long is answered 408.
+    pub body_idle: Duration,
 }
 
 /// Native HTTP calls in flight by (user, request id), so that a `Cancel`
@@ -108,6 +114,8 @@ impl std::fmt::Debug for HttpState {
             .field("limits", &self.limits)
             .field("timestamp_window", &self.timestamp_window)
             .field("in_flight", &self.in_flight)
+            .field("budget", &self.budget)
+            .field("body_idle", &self.body_idle)
             .finish()
     }
 }
@@ -198,19 +206,103 @@ async fn generate_204() -> HttpResponse {
     HttpResponse::NoContent().finish()
 }
 
+/// Body bytes gathered before they are decoded in one go, off the async
+/// worker; with [`MAX_INFLATE_RATIO`] this bounds what one decoding step may
+/// allocate before it is charged.
+const DECODE_BATCH: usize = 64 * 1024;
+/// Most bytes zlib can inflate one input byte to (deflate's limit is about
+/// 1032): a batch is charged this much before it is decoded, and the
+/// difference given back after.
+const MAX_INFLATE_RATIO: u64 = 1032;
+/// Batches up to this size are decoded inline (at most a few milliseconds
+/// of inflating, bounded by `MAX_DECODED_SLICE` per slice).
+const INLINE_DECODE: usize = 4 * 1024;
+
+/// The next piece of a request body, or 408 when none comes for `idle`
+/// (a client that stops half-way does not pin its buffers).
+async fn next_piece(body: &mut web::Payload, idle: Duration) -> Result<Option<Bytes>, TransportError> {
+    match tokio::time::timeout(idle, body.next()).await {
+        Err(_) => Err(TransportError::BodyIdle(idle.as_secs_f64())),
+        Ok(None) => Ok(None),
+        Ok(Some(piece)) => piece.map(Some).map_err(|e| TransportError::BadRequest(format!("reading the body: {e}"))),
+    }
+}
+
 /// Feeds the request body to `decoder` as it arrives (limits apply while it
-/// streams in); returns the payload and the bytes read.
+/// streams in), batched and decoded off the async worker when big; every
+/// byte held is charged to `held`. Returns the payload and the bytes read.
 async fn read_body(
     body: &mut web::Payload,
-    mut decoder: Box<dyn ksrpc_core::codec::StreamDecoder>,
+    state: &HttpState,
+    held: &mut Reservation,
 ) -> Result<(Vec<u8>, u64), TransportError> {
+    let mut decoder = state.codec.decoder(state.limits);
     let mut bytes_in = 0u64;
-    while let Some(piece) = body.next().await {
-        let piece = piece.map_err(|e| TransportError::BadRequest(format!("reading the body: {e}")))?;
-        bytes_in += piece.len() as u64;
-        decoder.feed(&piece)?;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batched = 0usize;
+    loop {
+        let piece = next_piece(body, state.body_idle).await?;
+        let end = piece.is_none();
+        if let Some(piece) = piece {
+            bytes_in += piece.len() as u64;
+            batched += piece.len();
+            batch.push(piece);
+            held.resize(decoder.buffered() + batched as u64)?;
+        }
+        if batched >= DECODE_BATCH || (end && batched > 0) {
+            // Charged before it is decoded: what the batch may inflate to (its
+            // own bytes, and the slice it completes, 8 MiB at most).
+            let room = state.limits.max_decoded.saturating_sub(decoder.buffered());
+            let may_grow = (batched as u64)
+                .saturating_mul(MAX_INFLATE_RATIO)
+                .saturating_add(ksrpc_core::codec::MAX_DECODED_SLICE)
+                .min(room);
+            held.resize(decoder.buffered() + batched as u64 + may_grow)?;
+            let pieces = std::mem::take(&mut batch);
+            decoder = if batched <= INLINE_DECODE {
+                feed(decoder, &pieces)?
+            } else {
+                web::block(move || feed(decoder, &pieces))
+                    .await
+                    .map_err(|e| TransportError::Internal(e.to_string()))??
+            };
+            batched = 0;
+            held.resize(decoder.buffered())?;
+        }
+        if end {
+            break;
+        }
     }
     Ok((decoder.finish()?, bytes_in))
+}
+
+fn feed(
+    mut decoder: Box<dyn ksrpc_core::codec::StreamDecoder>,
+    pieces: &[Bytes],
+) -> Result<Box<dyn ksrpc_core::codec::StreamDecoder>, TransportError> {
+    for p in pieces {
+        decoder.feed(p)?;
+    }
+    Ok(decoder)
+}
+
+/// Reads a whole body as it is (no decoding), within `limit` bytes, charged
+/// to `held`.
+async fn read_raw(
+    body: &mut web::Payload,
+    state: &HttpState,
+    held: &mut Reservation,
+) -> Result<Vec<u8>, TransportError> {
+    let limit = state.limits.max_encoded;
+    let mut out = Vec::new();
+    while let Some(piece) = next_piece(body, state.body_idle).await? {
+        if (out.len() + piece.len()) as u64 > limit {
+            return Err(TransportError::TooLarge(format!("request body exceeds the limit of {limit} bytes")));
+        }
+        held.resize((out.len() + piece.len()) as u64)?;
+        out.extend_from_slice(&piece);
+    }
+    Ok(out)
 }
 
 /// One compat call: decode the body as it arrives, run it, stream the reply.
@@ -221,7 +313,10 @@ async fn chunk(
 ) -> Result<HttpResponse, TransportError> {
     let started = Instant::now();
     let user = user_of(&req)?;
-    let (payload, bytes_in) = read_body(&mut body, state.codec.decoder(state.limits)).await?;
+    let mut held = state.budget.reservation(&user.name);
+    let (payload, bytes_in) = read_body(&mut body, &state, &mut held).await?;
+    // The payload stays charged while the call runs (it is in Python's hands).
+    held.resize(payload.len() as u64)?;
     let reply =
         state.executor.call_compat(CompatRequest { user: user.clone(), payload: payload.into() }).await.inspect_err(
             |e| {
@@ -232,7 +327,23 @@ async fn chunk(
                 tracing::warn!(user = %user.name, chain = %summary, bytes_in, error = %e, "call refused");
             },
         )?;
-    Ok(stream_reply(&state.codec, reply, user.name.clone(), bytes_in, started))
+    // Then the reply, until its last byte is sent.
+    let reply = match held.resize(reply.body.len() as u64) {
+        Ok(()) => reply,
+        Err(e) => {
+            held.force(0);
+            tracing::warn!(user = %user.name, chain = %reply.summary, "reply refused: {e}");
+            let body = ksrpc_core::compat::error_reply(
+                "",
+                "MemoryError",
+                &e.to_string(),
+                "",
+                &ksrpc_core::compat::utc_now_iso(),
+            );
+            CompatReply { status: 500, body: body.into(), summary: reply.summary }
+        }
+    };
+    Ok(stream_reply(&state.codec, reply, user.name.clone(), bytes_in, started, held))
 }
 
 /// The media type of native-protocol bodies (zstd-compressed postcard).
@@ -240,6 +351,68 @@ pub const NATIVE_CONTENT_TYPE: &str = "application/x-ksrpc-native";
 
 fn native_response(status: actix_web::http::StatusCode, body: Vec<u8>) -> HttpResponse {
     HttpResponse::build(status).content_type(NATIVE_CONTENT_TYPE).body(body)
+}
+
+/// A 200 native response whose body keeps `held` charged until it is sent.
+fn native_response_held(body: Vec<u8>, held: Reservation) -> HttpResponse {
+    let len = body.len() as u64;
+    let once = futures_util::stream::once(async move {
+        let _held = held;
+        Ok::<Bytes, actix_web::Error>(Bytes::from(body))
+    });
+    HttpResponse::Ok().content_type(NATIVE_CONTENT_TYPE).body(actix_web::body::SizedStream::new(len, once))
+}
+
+/// How many bytes a reply holds until it is sent (about its encoded size).
+pub fn outcome_weight(outcome: &native::Outcome) -> u64 {
+    match outcome {
+        native::Outcome::Ok(v) => v.weight() as u64,
+        _ => 64,
+    }
+}
+
+/// The error a call's caller sees when its reply would pass the budget.
+pub fn over_budget(e: &ksrpc_core::BudgetError) -> native::RemoteError {
+    native::RemoteError { kind: "MemoryError".into(), message: e.to_string(), traceback: String::new() }
+}
+
+/// Decodes a native client message, on the blocking pool unless it is
+/// small, after charging its decoded size (declared, or the limit when it
+/// declares none) to `held`. The outer error is the budget's; the inner one
+/// the message's own (answered with `Refused`).
+pub async fn decode_client_message(
+    wire: Vec<u8>,
+    limits: Limits,
+    held: &mut Reservation,
+) -> Result<Result<ClientMessage, native::NativeError>, TransportError> {
+    let decoded = native::declared_size(&wire).unwrap_or(limits.max_decoded).min(limits.max_decoded);
+    held.resize(wire.len() as u64 + decoded)?;
+    let message = if native::is_light(&wire, INLINE_REPLY) {
+        native::decode_compressed::<ClientMessage>(&wire, limits)
+    } else {
+        web::block(move || native::decode_compressed::<ClientMessage>(&wire, limits))
+            .await
+            .map_err(|e| TransportError::Internal(e.to_string()))?
+    };
+    if let Ok(m) = &message {
+        held.resize(message_weight(m))?;
+    }
+    Ok(message)
+}
+
+/// Roughly the bytes a decoded client message holds.
+fn message_weight(m: &ClientMessage) -> u64 {
+    match m {
+        ClientMessage::Call { chain, .. } => chain
+            .calls
+            .iter()
+            .filter_map(|c| c.args.as_ref())
+            .flat_map(|a| a.positional.iter().chain(a.keyword.iter().map(|(_, v)| v)))
+            .map(|v| v.weight() as u64)
+            .sum::<u64>()
+            .max(64),
+        _ => 64,
+    }
 }
 
 /// Replies smaller than this are encoded on the async worker; bigger ones on
@@ -266,14 +439,16 @@ async fn v2_call(
 ) -> Result<HttpResponse, TransportError> {
     let started = Instant::now();
     let user = user_of(&req)?;
-    let (bytes, _) = read_body(&mut body, Zstd::default().decoder(state.limits)).await?;
+    let mut held = state.budget.reservation(&user.name);
+    let wire = read_raw(&mut body, &state, &mut held).await?;
+    let bytes_in = wire.len() as u64;
     let refuse = |reason: String| {
         native_response(
             actix_web::http::StatusCode::BAD_REQUEST,
             native::encode_compressed(&ServerMessage::Refused { reason }),
         )
     };
-    let message = match native::decode::<ClientMessage>(&bytes) {
+    let message = match decode_client_message(wire, state.limits, &mut held).await? {
         Ok(m) => m,
         Err(e) => return Ok(refuse(e.to_string())),
     };
@@ -307,15 +482,24 @@ async fn v2_call(
             }
         }
     };
+    let outcome = match held.resize(outcome_weight(&outcome)) {
+        Ok(()) => outcome,
+        Err(e) => {
+            held.force(0);
+            tracing::warn!(user = %user.name, chain = %summary, "reply refused: {e}");
+            native::Outcome::Err(over_budget(&e))
+        }
+    };
     let ok = !matches!(outcome, native::Outcome::Err(_));
     let body = encode_server_message(ServerMessage::Reply { id, outcome }).await?;
     let bytes_out = body.len() as u64;
-    let response = native_response(actix_web::http::StatusCode::OK, body);
+    // Held until actix has taken the whole body.
+    let response = native_response_held(body, held);
     tracing::info!(
         user = %user.name,
         chain = %summary,
         status = if ok { 200 } else { 500 },
-        bytes_in = bytes.len() as u64,
+        bytes_in,
         bytes_out,
         ms = started.elapsed().as_millis() as u64,
         "native call"

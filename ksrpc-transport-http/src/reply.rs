@@ -1,17 +1,20 @@
 //! Streaming a reply out through the codec, and the one log line per call.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::HttpResponse;
 use bytes::Bytes;
 use futures_util::stream;
 use ksrpc_core::codec::{ChunkedZlib, Codec, Flow};
-use ksrpc_core::CompatReply;
+use ksrpc_core::{CompatReply, Reservation};
 
 /// Encoded pieces buffered between the encoder and the socket; with the
 /// rayon window this bounds the memory of one reply to the payload plus a
 /// few compressed slices.
 const CHANNEL: usize = 8;
+
+/// Longest a reply's next piece may wait for a client that stopped reading.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One `tracing` line per call: user, chain (argument counts only), reply
 /// status, bytes in and out, milliseconds.
@@ -30,12 +33,18 @@ pub fn log_call(user: &str, reply: &CompatReply, bytes_in: u64, bytes_out: u64, 
 /// The HTTP reply: 200 with a chunked body, slices compressed in parallel
 /// and sent as soon as each is ready. A reply that fits in one slice is
 /// encoded inline (no thread hand-off for small calls).
+///
+/// `held` (the reply's share of the memory budget) is given back when the
+/// last piece is sent or the client goes away. An encoder whose piece is not
+/// taken for [`SEND_TIMEOUT`] (a client that stopped reading) gives up, so
+/// no blocking thread waits forever.
 pub fn stream_reply(
     codec: &ChunkedZlib,
     reply: CompatReply,
     user: String,
     bytes_in: u64,
     started: Instant,
+    held: Reservation,
 ) -> HttpResponse {
     let mut res = HttpResponse::Ok();
     res.content_type("application/octet-stream").insert_header((
@@ -52,17 +61,20 @@ pub fn stream_reply(
             tracing::error!("encoding a reply: {e}");
         }
         log_call(&user, &reply, bytes_in, out.iter().map(|p| p.len() as u64).sum(), started);
+        drop(held);
         return res.streaming(stream::iter(out.into_iter().map(Ok::<Bytes, actix_web::Error>)));
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL);
     let codec = codec.clone();
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
+        let _held = held;
         let mut bytes_out = 0u64;
         let r = codec.encode(&mut std::iter::once(reply.body.clone()), &mut |piece| {
             bytes_out += piece.len() as u64;
-            match tx.blocking_send(piece) {
-                Ok(()) => Flow::Continue(()),
-                Err(_) => Flow::Break(()),
+            match runtime.block_on(tokio::time::timeout(SEND_TIMEOUT, tx.send(piece))) {
+                Ok(Ok(())) => Flow::Continue(()),
+                Ok(Err(_)) | Err(_) => Flow::Break(()),
             }
         });
         if let Err(e) = r {

@@ -51,6 +51,8 @@ fn state(limits: Limits) -> web::Data<HttpState> {
         limits,
         timestamp_window: 30.0,
         in_flight: Default::default(),
+        budget: ksrpc_core::MemoryBudget::unlimited(),
+        body_idle: std::time::Duration::from_secs(60),
     })
 }
 

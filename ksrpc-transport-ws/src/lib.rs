@@ -18,11 +18,15 @@ use futures_util::StreamExt;
 use ksrpc_core::auth::User;
 use ksrpc_core::codec::{CodecError, Flow, WsEvent, WsFrame};
 use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError};
-use ksrpc_transport_http::{log_call, user_of, HttpState, TransportError};
+use ksrpc_transport_http::{log_call, user_of, HttpState, TransportError, SEND_TIMEOUT};
 use std::sync::Arc;
 
 /// A request that stops half-way is dropped after this long without a message.
 const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
+
+/// A slice up to this many encoded bytes is inflated on the async worker;
+/// a bigger one on the blocking pool.
+const INLINE_DECODE: usize = 4 * 1024;
 
 pub mod v2;
 
@@ -55,6 +59,9 @@ pub(crate) fn close_reason(code: CloseCode, text: impl Into<String>) -> Option<C
 /// Serves one socket until the client closes it or breaks the protocol.
 async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut messages: AggregatedMessageStream) {
     let mut decoder = state.codec.ws_decoder(state.limits);
+    // What the socket holds (a request being decoded, then its reply),
+    // charged to the user's and the server's memory budget.
+    let mut held = state.budget.reservation(&user.name);
     let mut bytes_in = 0u64;
     let mut started = Instant::now();
     loop {
@@ -90,7 +97,22 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
             }
             AggregatedMessage::Text(t) => {
                 bytes_in += t.len() as u64;
-                decoder.text(&t)
+                if decoder.pending() <= INLINE_DECODE {
+                    decoder.text(&t)
+                } else {
+                    // A border inflates the slice before it: off the async worker.
+                    let (d, r) = match web::block(move || {
+                        let r = decoder.text(&t);
+                        (decoder, r)
+                    })
+                    .await
+                    {
+                        Ok(done) => done,
+                        Err(_) => return,
+                    };
+                    decoder = d;
+                    r
+                }
             }
             AggregatedMessage::Ping(p) => {
                 if session.pong(&p).await.is_err() {
@@ -104,6 +126,15 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
                 return;
             }
         };
+        let charged = match &event {
+            Ok(WsEvent::Done(p)) => p.len() as u64,
+            _ => decoder.buffered(),
+        };
+        if let Err(e) = held.resize(charged) {
+            tracing::warn!(user = %user.name, bytes_in, "websocket request refused: {e}");
+            let _ = session.close(close_reason(CloseCode::Again, e.to_string())).await;
+            return;
+        }
         let payload = match event {
             Ok(WsEvent::More) => continue,
             Ok(WsEvent::Done(p)) => p,
@@ -111,7 +142,8 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
                 let code = match e {
                     CodecError::EncodedTooLarge { .. }
                     | CodecError::DecodedTooLarge { .. }
-                    | CodecError::SliceTooLarge { .. } => CloseCode::Size,
+                    | CodecError::SliceTooLarge { .. }
+                    | CodecError::SliceInflatesTooMuch { .. } => CloseCode::Size,
                     _ => CloseCode::Invalid,
                 };
                 tracing::warn!(user = %user.name, bytes_in, "websocket request refused: {e}");
@@ -150,10 +182,19 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
                 CompatReply { status: 500, body: body.into(), summary: "<not run>".into() }
             }
         };
+        let reply = match held.resize(reply.body.len() as u64) {
+            Ok(()) => reply,
+            Err(e) => {
+                tracing::warn!(user = %user.name, chain = %reply.summary, "reply refused: {e}");
+                let body = compat::error_reply("", "MemoryError", &e.to_string(), "", &compat::utc_now_iso());
+                CompatReply { status: 500, body: body.into(), summary: reply.summary }
+            }
+        };
         match send_reply(&state, &mut session, &reply).await {
             Some(bytes_out) => log_call(&user.name, &reply, bytes_in, bytes_out, started),
             None => return,
         }
+        held.force(0);
         bytes_in = 0;
     }
 }
@@ -195,10 +236,20 @@ async fn send_reply(state: &HttpState, session: &mut Session, reply: &CompatRepl
     Some(sent)
 }
 
+/// Sends one frame; `None` when the client went away or did not take the
+/// frame within [`SEND_TIMEOUT`] (a client that stopped reading must not pin
+/// the socket, its reply, or the encoder's thread).
 async fn send_frame(session: &mut Session, frame: WsFrame) -> Option<u64> {
-    let (n, r) = match frame {
-        WsFrame::Binary(b) => (b.len() as u64, session.binary(b).await),
-        WsFrame::Text(t) => (t.len() as u64, session.text(t).await),
+    let (n, sending) = match frame {
+        WsFrame::Binary(b) => (b.len() as u64, futures_util::future::Either::Left(session.binary(b))),
+        WsFrame::Text(t) => (t.len() as u64, futures_util::future::Either::Right(session.text(t))),
     };
-    r.ok().map(|()| n)
+    match tokio::time::timeout(SEND_TIMEOUT, sending).await {
+        Ok(Ok(())) => Some(n),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            tracing::warn!("websocket client stopped reading for {} s; closing", SEND_TIMEOUT.as_secs());
+            None
+        }
+    }
 }

@@ -20,8 +20,9 @@ use futures_util::StreamExt;
 use ksrpc_core::auth::User;
 use ksrpc_core::mux::{self, Header, MuxError, Reassembler};
 use ksrpc_core::native::{self, ClientMessage, NativeError, Outcome, RemoteError, ServerMessage};
+use ksrpc_core::Reservation;
 use ksrpc_core::{ExecError, NativeRequest};
-use ksrpc_transport_http::{encode_server_message, user_of, HttpState, INLINE_REPLY};
+use ksrpc_transport_http::{encode_server_message, user_of, HttpState};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::AbortHandle;
 
@@ -75,9 +76,17 @@ struct Socket {
     in_flight: HashMap<u64, (AbortHandle, u64)>,
     /// Encoded bytes of the calls in `in_flight`.
     queued_bytes: u64,
+    /// `CloseHandle` tasks not finished yet (they have no id of their own,
+    /// and count against [`QUEUED_PER_SOCKET`] like calls).
+    closing: usize,
     /// When the last binary frame arrived (the half-sent clock).
     last_frame: Instant,
     outgoing: VecDeque<Outgoing>,
+    /// Unsent bytes of the replies in `outgoing`.
+    outgoing_bytes: u64,
+    /// What the socket holds (half-received messages, accepted calls'
+    /// messages, unsent replies), charged to the memory budget.
+    held: Reservation,
     done_tx: mpsc::UnboundedSender<Finished>,
     done_rx: mpsc::UnboundedReceiver<Finished>,
     permits: Arc<Semaphore>,
@@ -90,13 +99,17 @@ type Stop = Option<(CloseCode, String)>;
 impl Socket {
     fn new(state: Arc<HttpState>, user: Arc<User>, session: Session) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let held = state.budget.reservation(&user.name);
         Socket {
+            held,
+            outgoing_bytes: 0,
             reassembler: Reassembler::new(state.limits),
             state,
             user,
             session,
             in_flight: HashMap::new(),
             queued_bytes: 0,
+            closing: 0,
             last_frame: Instant::now(),
             outgoing: VecDeque::new(),
             done_tx,
@@ -120,17 +133,26 @@ impl Socket {
             let sending = !self.outgoing.is_empty();
             // Backpressure: with too much accepted and unanswered, stop
             // reading until calls finish.
-            let reading = self.in_flight.len() < QUEUED_PER_SOCKET && self.queued_bytes < self.state.limits.max_encoded;
+            // Memory: a frame is read only while the budget has room for it.
+            let reading = self.in_flight.len() + self.closing < QUEUED_PER_SOCKET
+                && self.queued_bytes < self.state.limits.max_encoded
+                && self.held.has_room_for(mux::MAX_FRAME as u64);
             let step = tokio::select! {
                 msg = messages.next(), if reading => self.on_message(msg).await,
                 Some((id, reply)) = self.done_rx.recv() => {
+                    if id == 0 {
+                        self.closing -= 1;
+                    }
                     // A call cancelled after it finished sends nothing.
                     if let Some((_, weight)) = self.in_flight.remove(&id) {
                         self.queued_bytes -= weight;
                         if let Some(data) = reply {
+                            let data = self.admit_reply(id, data);
+                            self.outgoing_bytes += data.len() as u64;
                             self.outgoing.push_back(Outgoing { id, data, sent: 0 });
                         }
                     }
+                    self.recount();
                     Ok(())
                 }
                 () = std::future::ready(()), if sending => self.send_slice().await,
@@ -143,8 +165,29 @@ impl Socket {
         for (_, (task, _)) in self.in_flight.drain() {
             task.abort();
         }
+        self.held.force(0);
         if let Some((code, reason)) = stop {
             let _ = self.session.close(close_reason(code, reason)).await;
+        }
+    }
+
+    /// Charges what the socket holds now; bytes already here are counted
+    /// even past the budget (reading stops until they are gone).
+    fn recount(&mut self) {
+        self.held.force(self.reassembler.buffered() + self.queued_bytes + self.outgoing_bytes);
+    }
+
+    /// A finished call's reply, or, when it would pass the memory budget, a
+    /// small error reply in its place (the client is told, nothing is held).
+    fn admit_reply(&mut self, id: u64, data: Bytes) -> Bytes {
+        let holding = self.reassembler.buffered() + self.queued_bytes + self.outgoing_bytes;
+        match self.held.resize(holding + data.len() as u64) {
+            Ok(()) => data,
+            Err(e) => {
+                tracing::warn!(user = %self.user.name, id, "reply refused: {e}");
+                let outcome = Outcome::Err(ksrpc_transport_http::over_budget(&e));
+                Bytes::from(native::encode_compressed(&ServerMessage::Reply { id, outcome }))
+            }
         }
     }
 
@@ -162,10 +205,12 @@ impl Socket {
             Ok(Err(_)) => return Err(None),
             Err(_) => return Err(Some((CloseCode::Policy, "the client stopped reading".into()))),
         }
+        self.outgoing_bytes -= (end - out.sent) as u64;
         out.sent = end;
         if out.sent < out.data.len() {
             self.outgoing.push_back(out);
         }
+        self.recount();
         Ok(())
     }
 
@@ -215,16 +260,18 @@ impl Socket {
                 return self.refuse(code, e.to_string()).await;
             }
         };
+        self.recount();
         let Some(wire) = pushed.message else { return Ok(()) };
         let weight = wire.len() as u64;
         let limits = self.state.limits;
-        let decoded = if !native::is_light(&wire, INLINE_REPLY) {
-            web::block(move || native::decode_compressed::<ClientMessage>(&wire, limits))
-                .await
-                .unwrap_or_else(|e| Err(NativeError::Malformed(e.to_string())))
-        } else {
-            native::decode_compressed::<ClientMessage>(&wire, limits)
+        // The message is decoded under a reservation of its own, held until
+        // it is accepted below (then counted in `queued_bytes`).
+        let mut decoding = self.state.budget.reservation(&self.user.name);
+        let decoded = match ksrpc_transport_http::decode_client_message(wire, limits, &mut decoding).await {
+            Ok(decoded) => decoded,
+            Err(e) => return Err(Some((CloseCode::Again, e.to_string()))),
         };
+        drop(decoding);
         let message = match decoded {
             Ok(m) => m,
             Err(e) => {
@@ -255,10 +302,13 @@ impl Socket {
             chain,
             self.done_tx.clone(),
         ));
-        if id != 0 {
+        if id == 0 {
+            self.closing += 1;
+        } else {
             self.in_flight.insert(id, (task.abort_handle(), weight));
             self.queued_bytes += weight;
         }
+        self.recount();
         Ok(())
     }
 
@@ -271,8 +321,17 @@ impl Socket {
             task.abort();
             self.queued_bytes -= weight;
         }
-        self.outgoing.retain(|o| o.id != id || o.sent > 0);
+        let mut dropped = 0u64;
+        self.outgoing.retain(|o| {
+            let keep = o.id != id || o.sent > 0;
+            if !keep {
+                dropped += o.data.len() as u64;
+            }
+            keep
+        });
+        self.outgoing_bytes -= dropped;
         self.reassembler.forget(id);
+        self.recount();
     }
 }
 
@@ -285,7 +344,10 @@ async fn run_call(
     chain: ksrpc_core::CallChain<native::Value>,
     done: mpsc::UnboundedSender<Finished>,
 ) {
-    let Ok(_permit) = permits.acquire_owned().await else { return };
+    let Ok(_permit) = permits.acquire_owned().await else {
+        let _ = done.send((id, None));
+        return;
+    };
     let started = Instant::now();
     let summary = chain.summary().to_string();
     let outcome = match state.executor.call_native(NativeRequest { user: user.clone(), chain }).await {

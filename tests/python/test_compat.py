@@ -255,12 +255,13 @@ def test_function_arguments(conn):
 # --------------------------------------------------------------------------
 # big data, both directions (>= 10 MB)
 # --------------------------------------------------------------------------
-def test_numpy_download(conn):
+@pytest.mark.parametrize("mb", [10, 100])
+def test_numpy_download(conn, mb):
     async def main():
         async with conn:
-            arr = await demo_of(conn).create_1d_array(10)
+            arr = await demo_of(conn).create_1d_array(mb)
             assert isinstance(arr, np.ndarray)
-            assert arr.dtype == np.float64 and arr.nbytes == 10 * MB
+            assert arr.dtype == np.float64 and arr.nbytes == mb * MB
             assert 0.0 <= float(arr.min()) and float(arr.max()) < 1.0
 
     run(main())

@@ -508,7 +508,7 @@ def test_http_a_call_that_raises_is_a_200_with_a_500_reply(settings, target, bys
 
 
 def test_http_decompression_bomb_is_413(settings, bystander, bomb_slice):
-    """One ~1 MB slice that inflates to 1 GiB (> the 512 MiB decoded limit)."""
+    """One ~1 MB slice that inflates to 1 GiB (> the 8 MiB bound of one slice)."""
     t0 = time.monotonic()
     status, text, _ = run(aiohttp_post(settings, bomb_slice + BORDER))
     assert_refused(status, text, 413, "limit")

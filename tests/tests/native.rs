@@ -162,3 +162,30 @@ async fn without_pyarrow_tables_are_a_clear_error() {
     let add = chain("ksrpc.server.demo", vec![Call::method("add", vec![Value::Int(1), Value::Int(2)])]);
     assert_eq!(ok(run(add).await.unwrap()), Value::Int(3));
 }
+
+/// `python.max_reply_bytes` bounds native replies as it bounds compat ones:
+/// a result over it is a `MemoryError`, never sent (native replies used to
+/// ignore the limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_over_max_reply_bytes_are_a_memory_error_on_both_protocols() {
+    let ex = executor(|c| c.max_reply_bytes = 1 << 20);
+    let admin = user("admin", &["allow *"]);
+    let echo = |n: usize| {
+        let value = Value::Bytes(ByteBuf::from(vec![7u8; n]));
+        chain("bench_mod", vec![Call::method("echo", vec![value])])
+    };
+    let small = ex.call_native(NativeRequest { user: admin.clone(), chain: echo(100_000) }).await.unwrap();
+    assert_eq!(ok(small), Value::Bytes(ByteBuf::from(vec![7u8; 100_000])));
+    match ex.call_native(NativeRequest { user: admin.clone(), chain: echo(2 << 20) }).await.unwrap() {
+        Outcome::Err(e) => {
+            assert_eq!(e.kind, "MemoryError", "{e:?}");
+            assert!(e.message.contains("max_reply_bytes"), "{e:?}");
+        }
+        other => panic!("a 2 MiB reply passed a 1 MiB limit: {}", matches!(other, Outcome::Ok(_))),
+    }
+    let payload = ksrpc_tests::request("", "bench_mod", "[RpcCall('echo', (b'x' * 2_000_000,), {})]", 0);
+    let reply = ex.call_compat(ksrpc_core::CompatRequest { user: admin, payload }).await.unwrap();
+    let seen = ksrpc_tests::seen(&reply.body);
+    assert_eq!((seen.status, seen.kind.as_str()), (500, "MemoryError"), "{seen:?}");
+    assert!(seen.data.contains("max_reply_bytes"), "{seen:?}");
+}

@@ -673,10 +673,71 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{header}{table}{wheel_header}{wheel_table}")?;
     std::fs::write(dir.join("bench.md"), format!("{header}{table}{wheel_header}{wheel_table}"))?;
+    // The committed record: what ran, where, and every row; a full run also
+    // becomes the README's table.
+    let record = format!(
+        "{}
+{header}{table}{wheel_header}{wheel_table}",
+        provenance(&env)?
+    );
+    let committed = root().join(if quick { "docs/bench-quick.md" } else { "docs/bench.md" });
+    std::fs::write(&committed, &record)?;
+    eprintln!("wrote {}", committed.display());
+    if !quick {
+        update_readme(&format!("{header}{table}{wheel_header}{wheel_table}"), &committed)?;
+    }
     std::fs::write(
         dir.join("bench.json"),
         serde_json::to_string_pretty(&json!({"quick": quick, "cores": cpus, "results": raw}))?,
     )?;
     eprintln!("wrote {} and bench.json", dir.join("bench.md").display());
+    Ok(())
+}
+
+/// Where and from what a bench ran: the commit (and whether the tree had
+/// uncommitted changes), the machine, and the tool versions.
+fn provenance(env: &Env) -> Result<String> {
+    let run = |cmd: &mut Command| -> String {
+        cmd.output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    };
+    let commit = run(Command::new("git").current_dir(root()).args(["rev-parse", "--short=12", "HEAD"]));
+    let dirty = !run(Command::new("git").current_dir(root()).args(["status", "--porcelain", "--untracked-files=no"]))
+        .is_empty();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / (1024.0 * 1024.0));
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let python = run(Command::new(&env.python).arg("--version"));
+    let rustc = run(Command::new("rustc").arg("--version"));
+    let date = run(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
+    Ok(format!(
+        "<!-- written by `cargo xtask bench`; do not edit by hand -->\n\
+         # Bench record\n\n\
+         - commit: `{commit}`{}\n- date: {date}\n- machine: {cores} cores ({cpu}), {mem_gib:.0} GiB RAM\n\
+         - {python}; {rustc}\n",
+        if dirty { " with uncommitted changes" } else { "" }
+    ))
+}
+
+/// Puts a full run's tables into README.md between its bench markers.
+fn update_readme(tables: &str, record: &Path) -> Result<()> {
+    const BEGIN: &str = "<!-- bench:begin -->";
+    const END: &str = "<!-- bench:end -->";
+    let path = root().join("README.md");
+    let readme = std::fs::read_to_string(&path)?;
+    let (Some(b), Some(e)) = (readme.find(BEGIN), readme.find(END)) else {
+        bail!("README.md has no {BEGIN} ... {END} markers for the bench table");
+    };
+    let name = record.strip_prefix(root()).unwrap_or(record).display();
+    let body = format!("{BEGIN}\n<!-- from {name}, written by `cargo xtask bench` -->\n{tables}{END}");
+    std::fs::write(&path, format!("{}{body}{}", &readme[..b], &readme[e + END.len()..]))?;
+    eprintln!("updated the bench table in README.md");
     Ok(())
 }

@@ -6,8 +6,10 @@
 //! `target/xtask/`), so a fresh clone needs no other setup step.
 
 mod bench;
+mod proxy;
 mod python;
 mod rust_client;
+mod soak;
 mod suite;
 mod test;
 mod wheel;
@@ -20,6 +22,7 @@ fn main() -> Result<()> {
         Some("test") => test::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("fuzz") => test::fuzz(&args[1..]),
+        Some("soak") => soak::main(&args[1..]),
         Some("wheel") => {
             let env = test::Env::prepare()?;
             wheel::build(&env).map(drop)
@@ -35,6 +38,7 @@ fn main() -> Result<()> {
                         (--quick for a smoke run); table on stdout, JSON in target/bench/
   \
                  fuzz   run each cargo-fuzz target for a bounded time (not in CI)\n  \
+                 soak   [MINUTES] a bounded mixed load watching for wrong answers, starvation and growth\n  \
                  wheel  build the ksrpc-rs wheel (maturin, abi3, manylinux2014) into target/wheels/"
             );
             bail!("unknown or missing command")

@@ -120,7 +120,14 @@ fn server_modules() -> PathBuf {
 /// Writes the suite's server config: `admin` (everything, code allowed)
 /// and `limited` (the demo, bench and `capsdk` test modules only; the same
 /// rules as the native capability test in `ksrpc-server/tests/client.rs`).
-pub fn write_config(dir: &Path, env: &Env, kind: &Kind, path: &str, admin: &str, limited: &str) -> Result<PathBuf> {
+pub fn write_config(
+    dir: &Path,
+    env: &Env,
+    kind: &Kind,
+    path: &str,
+    (admin, limited): (&str, &str),
+    tls: Option<&Tls>,
+) -> Result<PathBuf> {
     let file = dir.join(format!("config{}.toml", path.replace(['/', '{', '}'], "_")));
     // The binary embeds Python and is told where the packages are; the wheel
     // runs in its venv's interpreter, which already has them.
@@ -130,13 +137,17 @@ pub fn write_config(dir: &Path, env: &Env, kind: &Kind, path: &str, admin: &str,
         }
         Kind::Wheel(_) => String::new(),
     };
+    let tls = match tls {
+        Some(t) => format!("\n[server.tls]\ncert = {:?}\nkey = {:?}\n", t.cert.display(), t.key.display()),
+        None => String::new(),
+    };
     let text = format!(
         r#"[server]
 host = "127.0.0.1"
 port = 0
 path = "{path}"
 timestamp_window = 600.0
-
+{tls}
 [users.admin]
 password = "{admin}"
 rules = ["allow *"]
@@ -163,25 +174,97 @@ pub fn run(env: &Env) -> Result<(u64, u64, u64)> {
     if !status.success() {
         bail!("building ksrpc-server failed");
     }
-    let binary = env.target_dir.join("debug/ksrpc-server");
-    run_against(env, &Kind::Binary(binary), "suite", &[])
+    let binary = Kind::Binary(env.target_dir.join("debug/ksrpc-server"));
+    let (p, f, s) = run_against(env, &binary, "suite", &[])?;
+    // The same compat tests over the server's own TLS ([server.tls]): the
+    // unmodified client over https:// and wss://, trusting a CA made here.
+    let dir = root().join("target/xtask/suite-tls");
+    let tls = Tls::generate(&dir)?;
+    let (tp, tf, ts) = run_with(env, &binary, "suite-tls", &["test_compat.py"], Front::Tls(&tls))?;
+    // And through a real nginx configured as the README says.
+    let (np, nf, ns) = run_with(env, &binary, "suite-nginx", &["test_compat.py"], Front::Nginx)?;
+    Ok((p + tp + np, f + tf + nf, s + ts + ns))
 }
 
-/// Runs the real-client suite (or the tests `-k` selects) against a server
-/// of `kind`; `name` keeps its files apart from other runs.
+/// What stands between the client and the server in a run.
+#[derive(Clone, Copy)]
+enum Front<'a> {
+    /// Nothing: plain HTTP to the server.
+    Direct,
+    /// The server's own TLS.
+    Tls(&'a Tls),
+    /// nginx with the README's configuration (plain HTTP on loopback).
+    Nginx,
+}
+
+/// A private CA and a server certificate it signed for `127.0.0.1` and
+/// `localhost`, as PEM files.
+pub struct Tls {
+    /// The CA certificate: what the client trusts (`SSL_CERT_FILE`).
+    pub ca: PathBuf,
+    /// The server's certificate.
+    pub cert: PathBuf,
+    /// The server's private key.
+    pub key: PathBuf,
+}
+
+impl Tls {
+    /// Makes a fresh CA and server certificate under `dir`.
+    pub fn generate(dir: &Path) -> Result<Tls> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        std::fs::create_dir_all(dir)?;
+        let mut ca_params = CertificateParams::new(Vec::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "ksrpc test CA");
+        let ca_key = KeyPair::generate()?;
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let server_key = KeyPair::generate()?;
+        let server_params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+        let server_cert = server_params.signed_by(&server_key, &Issuer::from_params(&ca_params, &ca_key))?;
+        let tls = Tls { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server-key.pem") };
+        std::fs::write(&tls.ca, ca_cert.pem())?;
+        std::fs::write(&tls.cert, server_cert.pem())?;
+        std::fs::write(&tls.key, server_key.serialize_pem())?;
+        Ok(tls)
+    }
+}
+
+/// Runs the real-client suite (or the test files `select` names) against a
+/// server of `kind`; `name` keeps its files apart from other runs.
 pub fn run_against(env: &Env, kind: &Kind, name: &str, select: &[&str]) -> Result<(u64, u64, u64)> {
+    run_with(env, kind, name, select, Front::Direct)
+}
+
+fn run_with(env: &Env, kind: &Kind, name: &str, select: &[&str], front: Front<'_>) -> Result<(u64, u64, u64)> {
+    let tls = match front {
+        Front::Tls(t) => Some(t),
+        _ => None,
+    };
     let dir = root().join("target/xtask").join(name);
     std::fs::create_dir_all(&dir)?;
     let markers = dir.join("markers");
     std::fs::create_dir_all(&markers)?;
     let (admin, limited) = (random_password(), random_password() + "-l");
-    let main_cfg = write_config(&dir, env, kind, "/api/v1", &admin, &limited)?;
-    let dyn_cfg = write_config(&dir, env, kind, "/api/v1/{time}", &admin, &limited)?;
+    let users = (admin.as_str(), limited.as_str());
+    let admin_password = admin.clone();
+    let main_cfg = write_config(&dir, env, kind, "/api/v1", users, tls)?;
+    let dyn_cfg = write_config(&dir, env, kind, "/api/v1/{time}", users, tls)?;
     let server = kind.start(&main_cfg, dir.join("server.log"))?;
     let dynamic = kind.start(&dyn_cfg, dir.join("server-dynamic.log"))?;
     eprintln!("    servers at {} and {}", server.url, dynamic.url);
-    let envs = [
-        ("KSRPC_TEST_URL", server.url.clone()),
+    if tls.is_some() && !server.url.starts_with("https://") {
+        bail!("a server with [server.tls] announced {}", server.url);
+    }
+    let nginx = match front {
+        Front::Nginx => Some(crate::proxy::start(&server.url, &dir.join("nginx"))?),
+        _ => None,
+    };
+    let url = nginx.as_ref().map_or_else(|| server.url.clone(), |n| n.url.clone());
+    if let Some(n) = &nginx {
+        eprintln!("    nginx at {} in front of {}", n.url, server.url);
+    }
+    let mut envs = vec![
+        ("KSRPC_TEST_URL", url.clone()),
         ("KSRPC_TEST_DYNAMIC_URL", dynamic.url.clone()),
         ("KSRPC_TEST_ADMIN_USER", "admin".to_owned()),
         ("KSRPC_TEST_ADMIN_PASSWORD", admin),
@@ -190,11 +273,23 @@ pub fn run_against(env: &Env, kind: &Kind, name: &str, select: &[&str]) -> Resul
         ("KSRPC_TEST_MARKER_DIR", markers.display().to_string()),
         ("PYTHONDONTWRITEBYTECODE", "1".to_owned()),
     ];
+    if let Some(tls) = tls {
+        // aiohttp's default SSL context trusts what OpenSSL's default paths
+        // name; this variable points them at our CA alone.
+        envs.push(("SSL_CERT_FILE", tls.ca.display().to_string()));
+    }
     let mut paths = vec![root().join("tests/python")];
     if !select.is_empty() {
         paths = select.iter().map(|s| root().join("tests/python").join(s)).collect();
     }
-    let result = pytest(&env.client_python, &paths, &envs, name);
+    let mut result = pytest(&env.client_python, &paths, &envs, name);
+    if nginx.is_some() {
+        let (p, f) = crate::proxy::native_checks(&url, ("admin", &admin_password));
+        if let Ok((tp, tf, _)) = &mut result {
+            *tp += p;
+            *tf += f;
+        }
+    }
     if !matches!(result, Ok((_, 0, _))) {
         let log = server.log();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();

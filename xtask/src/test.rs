@@ -112,8 +112,12 @@ pub fn run(args: &[String]) -> Result<()> {
             pytest(&python, &[root().join("ksrpc-py/python/tests_py")], &[], "executor")
         });
         add(&mut tally, "executor pytest", py);
-        let suite = step("real ksrpc 0.8.1 client suite (HTTP and WebSocket)", || crate::suite::run(&env));
+        let suite =
+            step("real ksrpc 0.8.1 client suite (HTTP and WebSocket; TLS; through nginx)", || crate::suite::run(&env));
         add(&mut tally, "client suite", suite);
+        let soak =
+            step("soak (2 minutes of mixed load)", || crate::soak::run(&env, std::time::Duration::from_secs(120)));
+        add(&mut tally, "soak", soak);
         let wheel =
             step("the ksrpc-rs wheel on CPython 3.9-3.13 (build, install, suites)", || crate::wheel::test(&env));
         add(&mut tally, "wheel", wheel);

@@ -424,6 +424,10 @@ impl StreamDecoder for HttpDecoder {
         }
         Ok(self.inflater.into_payload())
     }
+
+    fn buffered(&self) -> u64 {
+        self.buf.len() as u64 + self.inflater.decoded()
+    }
 }
 
 /// What a WebSocket text message meant to the decoder.
@@ -488,6 +492,17 @@ impl WsDecoder {
         } else {
             Ok(WsEvent::More)
         }
+    }
+
+    /// Encoded bytes of the slice not yet ended by a border.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Bytes the decoder holds (a slice not yet inflated, and output), for
+    /// the memory budget.
+    pub fn buffered(&self) -> u64 {
+        self.pending.len() as u64 + self.inflater.decoded()
     }
 
     /// Bytes received since the last complete slice (for idle-timeout logs).

@@ -11,6 +11,11 @@ use super::{CodecError, Limits};
 /// slice turns out to exceed the decoded limit.
 const STEP: usize = 256 * 1024;
 
+/// The most one slice may inflate to: 64 times the 128 KiB slices the
+/// 0.8.1 client (and ours) send. It bounds the work of decoding one slice
+/// (a few milliseconds), and a bomb is refused at its first slice.
+pub const MAX_DECODED_SLICE: u64 = 8 << 20;
+
 /// Inflate states kept for reuse across messages: a fresh one costs an
 /// allocation and zeroing per request.
 static POOL: Mutex<Vec<Decompress>> = Mutex::new(Vec::new());
@@ -40,7 +45,18 @@ impl SliceInflater {
         }
         let inflater = self.inflater.as_mut().expect("present until dropped");
         inflater.reset(true);
-        let limit = self.limits.max_decoded;
+        // Past the message's limit: DecodedTooLarge; past the slice's own
+        // bound (reached first when more room is left): SliceInflatesTooMuch.
+        let message_limit = self.limits.max_decoded;
+        let slice_limit = (self.out.len() as u64).saturating_add(MAX_DECODED_SLICE);
+        let limit = message_limit.min(slice_limit);
+        let too_large = |limit: u64| {
+            if limit == message_limit {
+                CodecError::DecodedTooLarge { limit }
+            } else {
+                CodecError::SliceInflatesTooMuch { index, limit: MAX_DECODED_SLICE }
+            }
+        };
         loop {
             let room = limit.saturating_sub(self.out.len() as u64);
             // One byte beyond the limit lets us tell "exactly at" from "over".
@@ -61,7 +77,7 @@ impl SliceInflater {
                 .map_err(|e| CodecError::Corrupt { index, reason: e.to_string() })?;
             if self.out.len() as u64 > limit {
                 self.out = Vec::new();
-                return Err(CodecError::DecodedTooLarge { limit });
+                return Err(too_large(limit));
             }
             let used = inflater.total_in() as usize;
             match status {
@@ -78,13 +94,18 @@ impl SliceInflater {
                     }
                     if !progressed && self.out.len() as u64 == limit {
                         // No room left and the stream wants to go on.
-                        return Err(CodecError::DecodedTooLarge { limit });
+                        return Err(too_large(limit));
                     }
                 }
             }
         }
         self.slices += 1;
         Ok(())
+    }
+
+    /// Decoded bytes held so far.
+    pub(crate) fn decoded(&self) -> u64 {
+        self.out.len() as u64
     }
 
     pub(crate) fn slices(&self) -> usize {

@@ -15,6 +15,7 @@ pub use chunked_zlib::{
     ChunkedZlib, Level, LevelParseError, WsDecoder, WsEvent, WsFrame, BORDER, DEFAULT_MAX_ENCODED_SLICE,
     DEFAULT_SLICE_SIZE, EOF,
 };
+pub use inflate::MAX_DECODED_SLICE;
 pub use zstd_codec::Zstd;
 
 use bytes::Bytes;
@@ -68,6 +69,15 @@ pub enum CodecError {
     SliceTooLarge {
         /// The largest encoded slice accepted.
         limit: usize,
+    },
+    /// One slice inflates to more than [`MAX_DECODED_SLICE`]: clients send
+    /// slices of 128 KiB, so this is a bomb, not a payload.
+    #[error("slice {index} decodes past the limit of {limit} bytes for one slice (bomb?)")]
+    SliceInflatesTooMuch {
+        /// Zero-based index of the slice.
+        index: usize,
+        /// The most one slice may decode to.
+        limit: u64,
     },
     /// A slice is not a valid zlib (or zstd) stream.
     #[error("slice {index} is corrupt: {reason}")]
@@ -141,6 +151,9 @@ pub trait StreamDecoder: Send {
     fn feed(&mut self, bytes: &[u8]) -> Result<(), CodecError>;
     /// Ends the message and returns its payload.
     fn finish(self: Box<Self>) -> Result<Vec<u8>, CodecError>;
+    /// Bytes the decoder holds now (input not yet decoded, and output), for
+    /// the memory budget.
+    fn buffered(&self) -> u64;
 }
 
 /// Encodes a whole payload into one buffer; for tests and small messages.

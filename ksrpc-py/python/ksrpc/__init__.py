@@ -2,6 +2,6 @@
 
 It only holds what requests and replies name in their pickles
 (`ksrpc.client.RpcCall`, `_Self`, `RpcClient`) and the demo module. The server
-puts it after site-packages on sys.path, so an installed ksrpc wins.
+serves it from memory, after every other finder, so an installed ksrpc wins.
 """
 __version__ = "0.8.1"

@@ -452,6 +452,57 @@ class HandleTest(ExecutorTest):
         self.assertEqual(self.ok(self.advance(MOD, calls, ref_id), HELPERS), 2)
         self.error(self.advance(MOD, calls, ref_id), HELPERS, StopAsyncIteration)
 
+    def _advance_in_thread(self, calls, ref_id, ex=None):
+        """Starts advancing gated_gen in a thread; returns (thread, result dict) once it is inside."""
+        GEN_ENTERED.clear()
+        GEN_GATE.clear()
+        first = {}
+        kw = {"ex": ex} if ex is not None else {}
+        thread = threading.Thread(
+            target=lambda: first.update(got=self.ok(self.advance(MOD, calls, ref_id), HELPERS, **kw)))
+        thread.start()
+        self.assertTrue(GEN_ENTERED.wait(5))
+        return thread, first
+
+    def test_closing_a_handle_being_advanced_frees_it_when_the_call_ends(self):
+        # CloseHandle on a busy handle used to fail ("being advanced") and leave the generator
+        # in memory until its TTL, though the client had forgotten it.
+        ref_id, calls = self.start(MOD, "gated_gen", HELPERS)
+        thread, first = self._advance_in_thread(calls, ref_id)
+        try:
+            got = self.ex.run_native(next(self._ids), "alice", HELPERS, MOD, [RpcCall("close", (), {})], ref_id)
+            self.assertEqual(got, ("exhausted", None))
+            self.assertIn(ref_id, self.ex._handles._items, "still held by the call advancing it")
+        finally:
+            GEN_GATE.set()
+            thread.join(10)
+        self.assertEqual(first, {"got": 1}, "the call that was advancing it finishes normally")
+        self.assertNotIn(ref_id, self.ex._handles._items, "dropped when that call let go")
+        self.error(self.advance(MOD, calls, ref_id), HELPERS, LookupError, "closed")
+
+    def test_another_users_close_does_nothing(self):
+        ref_id, calls = self.start(DEMO, "sync_counter", user="alice")
+        self.ex.run_native(next(self._ids), "mallory", LIMITED, DEMO, [RpcCall("close", (), {})], ref_id)
+        self.assertEqual(self.ok(self.advance(DEMO, calls, ref_id), LIMITED, user="alice"), 1)
+
+    def test_the_cap_never_evicts_a_handle_being_advanced(self):
+        # With every handle of the user busy, a new generator used to evict one from under the
+        # call advancing it; now the new one is refused and the busy one lives on.
+        ex = self.make(handle_cap=1)
+        ref_id, calls = self.start(MOD, "gated_gen", HELPERS, ex=ex)
+        thread, first = self._advance_in_thread(calls, ref_id, ex=ex)
+        try:
+            self.error(request(DEMO, call("sync_counter")), LIMITED, RuntimeError, "too many open generators", ex=ex)
+        finally:
+            GEN_GATE.set()
+            thread.join(10)
+        self.assertEqual(first, {"got": 1})
+        self.assertEqual(self.ok(self.advance(MOD, calls, ref_id), HELPERS, ex=ex), 2)
+        # once idle it is the least recently used one again, and a new generator evicts it
+        newer, _ = self.start(DEMO, "sync_counter", ex=ex)
+        self.assertNotEqual(newer, ref_id)
+        self.error(self.advance(MOD, calls, ref_id), HELPERS, LookupError, ex=ex)
+
     def test_per_user_cap_evicts_least_recently_used(self):
         ex = self.make(handle_cap=2)
         first, calls = self.start(DEMO, "sync_counter", ex=ex)
