@@ -27,6 +27,11 @@ pub const VERSION: u16 = 1;
 /// Deepest nesting of values a decoder accepts.
 pub const MAX_DEPTH: usize = 128;
 
+/// Most values one message may hold. A value is a few bytes encoded but 32
+/// in memory, so this bounds what decoding can allocate (128 MiB of values,
+/// beside the bytes of strings and tables); big data goes as a `Table`.
+pub const MAX_VALUES: usize = 4 << 20;
+
 /// An explicit value: what a native call carries instead of a pickle.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub enum Value {
@@ -63,15 +68,17 @@ pub enum Value {
 }
 
 impl Value {
-    /// Roughly how many bytes the value takes encoded (strings, bytes and
-    /// tables by length, everything else a few bytes): transports encode
-    /// small replies inline and big ones off the async workers.
+    /// Roughly how many bytes the value holds in memory (each value's own
+    /// slot, plus strings, bytes and tables by length), which is also more
+    /// than it takes encoded: the memory budget charges it, and transports
+    /// encode small replies inline and big ones off the async workers.
     pub fn weight(&self) -> usize {
-        match self {
-            Value::Str(s) | Value::BigInt(s) => s.len() + 2,
-            Value::Bytes(b) | Value::Table(b) | Value::Pickle(b) => b.len() + 2,
-            Value::List(v) | Value::Tuple(v) => v.iter().map(Value::weight).sum::<usize>() + 2,
-            Value::Dict(v) => v.iter().map(|(k, v)| k.weight() + v.weight()).sum::<usize>() + 2,
+        const SLOT: usize = std::mem::size_of::<Value>();
+        SLOT + match self {
+            Value::Str(s) | Value::BigInt(s) => s.len(),
+            Value::Bytes(b) | Value::Table(b) | Value::Pickle(b) => b.len(),
+            Value::List(v) | Value::Tuple(v) => v.iter().map(Value::weight).sum::<usize>(),
+            Value::Dict(v) => v.iter().map(|(k, v)| k.weight() + v.weight()).sum::<usize>(),
             Value::Chain(c) => {
                 c.module.len()
                     + c.calls
@@ -85,7 +92,7 @@ impl Value {
                         })
                         .sum::<usize>()
             }
-            _ => 9,
+            _ => 0,
         }
     }
 }
@@ -183,6 +190,10 @@ thread_local! {
     /// Set when a decode on this thread hit [`MAX_DEPTH`]: postcard turns
     /// custom errors into a generic one, and the reason matters to the peer.
     static TOO_DEEP: Cell<bool> = const { Cell::new(false) };
+    /// Values decoded so far in the current message, and whether a decode
+    /// on this thread passed [`MAX_VALUES`].
+    static VALUES: Cell<usize> = const { Cell::new(0) };
+    static TOO_MANY: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Counts nesting while a value decodes; restores the count on drop.
@@ -190,6 +201,14 @@ struct DepthGuard;
 
 impl DepthGuard {
     fn enter<E: serde::de::Error>() -> Result<DepthGuard, E> {
+        let values = VALUES.with(|v| {
+            v.set(v.get() + 1);
+            v.get()
+        });
+        if values > MAX_VALUES {
+            TOO_MANY.with(|t| t.set(true));
+            return Err(E::custom(format!("more than {MAX_VALUES} values in one message")));
+        }
         DEPTH.with(|d| {
             if d.get() >= MAX_DEPTH {
                 TOO_DEEP.with(|t| t.set(true));
@@ -335,6 +354,10 @@ pub enum NativeError {
     /// Values nested deeper than [`MAX_DEPTH`].
     #[error("values nested deeper than {MAX_DEPTH}")]
     TooDeep,
+    /// More than [`MAX_VALUES`] values in one message (send big data as a
+    /// table).
+    #[error("more than {MAX_VALUES} values in one message; send big data as a table")]
+    TooManyValues,
     /// The bytes are not a valid message.
     #[error("malformed native message: {0}")]
     Malformed(String),
@@ -349,7 +372,7 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
 /// Messages up to this size are (de)compressed in one call with a context
 /// kept per thread: creating a zstd context costs more than compressing a
 /// small call.
-const BULK_MAX: usize = 1 << 20;
+const BULK_MAX: usize = 4 << 20;
 /// Largest declared expansion decoded in one call; beyond it the streaming
 /// decoder (which stops at the limit as bytes come out) is used.
 const BULK_MAX_RATIO: u64 = 64;
@@ -409,8 +432,13 @@ fn compress_parallel(raw: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The decoded size a message's zstd frame declares, if it declares one.
+/// The decoded size a message declares: only when it is one zstd frame
+/// (frames after the first would decode beyond what the first declares).
 pub fn declared_size(wire: &[u8]) -> Option<u64> {
+    let first = zstd::zstd_safe::find_frame_compressed_size(wire).ok()?;
+    if first != wire.len() {
+        return None;
+    }
     zstd::zstd_safe::get_frame_content_size(wire).ok().flatten()
 }
 
@@ -418,8 +446,7 @@ pub fn declared_size(wire: &[u8]) -> Option<u64> {
 /// on the wire and declaring a small decoded size (a frame without a
 /// declared size, or one that expands a lot, counts as heavy).
 pub fn is_light(wire: &[u8], at_most: usize) -> bool {
-    wire.len() <= at_most
-        && zstd::zstd_safe::get_frame_content_size(wire).ok().flatten().is_some_and(|n| n <= at_most as u64)
+    wire.len() <= at_most && declared_size(wire).is_some_and(|n| n <= at_most as u64)
 }
 
 /// Undoes [`encode_compressed`] under `limits`, then [`decode`]s.
@@ -467,9 +494,13 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, NativeError>
     }
     DEPTH.with(|d| d.set(0));
     TOO_DEEP.with(|t| t.set(false));
+    VALUES.with(|v| v.set(0));
+    TOO_MANY.with(|t| t.set(false));
     let (message, rest) = postcard::take_from_bytes(rest).map_err(|e| {
         if TOO_DEEP.with(Cell::get) {
             NativeError::TooDeep
+        } else if TOO_MANY.with(Cell::get) {
+            NativeError::TooManyValues
         } else {
             NativeError::Malformed(e.to_string())
         }

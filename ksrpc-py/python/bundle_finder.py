@@ -1,12 +1,18 @@
 """Serves the server's bundled Python modules from memory.
 
 The Rust side (`ksrpc_py::interp`) runs this file once in the interpreter and
-calls `install(sources)` with the texts it was compiled with. Nothing is
-written to disk: a directory of ours in a temp dir could be created first, or
-changed between two starts, by another local user, who would then run code in
-the server. The finder sits at the *end* of `sys.meta_path`, so an installed
-package of the same name (the real `ksrpc` 0.8.1) is found first, as a
-directory appended to `sys.path` was before.
+calls `install(private, standins)` with the texts it was compiled with.
+Nothing is written to disk: a directory of ours in a temp dir could be created
+first, or changed between two starts, by another local user, who would then
+run code in the server.
+
+Two finders, two places on `sys.meta_path`:
+- the server's own modules (`ksrpc_executor`, `ksrpc_capability`) are found
+  *first*: no file on `sys.path` (the current directory of `python -m
+  ksrpc_rs`, a script's directory) can stand in for the restricted unpickler;
+- the `ksrpc` stand-in package is found *last*, so an installed package of
+  that name (the real `ksrpc` 0.8.1) wins, as the client's classes must be
+  the client's own when both are there.
 
 Modules it loads have a `__file__` of the form `<ksrpc-rs bundle>/ksrpc/...py`
 (the 0.8.1 README reads `demo.__file__`) that names no real file; tracebacks
@@ -22,10 +28,9 @@ ORIGIN = "<ksrpc-rs bundle>"
 class BundleFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
     """Finder and loader of the bundled modules (`name -> (source, is_package)`)."""
 
-    _ksrpc_bundle = True  # how `install` recognises a finder from an earlier start
-
-    def __init__(self, sources):
+    def __init__(self, sources, role):
         self._sources = dict(sources)
+        self._ksrpc_bundle = role  # "private" or "standins": how `install` finds it again
 
     def find_spec(self, fullname, path=None, target=None):
         entry = self._sources.get(fullname)
@@ -61,14 +66,23 @@ class BundleFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
         return compile(self.get_source(fullname), self._filename(fullname), "exec", dont_inherit=True)
 
 
-def install(sources):
-    """Puts one `BundleFinder` last on `sys.meta_path` (once per interpreter:
-    a second start in the same process updates the one already there, whose
-    modules are the ones in `sys.modules`)."""
-    for finder in sys.meta_path:
-        if getattr(finder, "_ksrpc_bundle", False):
+def install(private, standins):
+    """Puts the private modules' finder first on `sys.meta_path` and the
+    stand-ins' last (once per interpreter: a second start in the same process
+    updates the finders already there, whose modules are in `sys.modules`)."""
+    found = {}
+    for finder in list(sys.meta_path):
+        role = getattr(finder, "_ksrpc_bundle", None)
+        if role in ("private", "standins"):
+            found[role] = finder
+    for role, sources in (("private", private), ("standins", standins)):
+        finder = found.get(role)
+        if finder is None:
+            finder = BundleFinder(sources, role)
+        else:
             finder._sources = dict(sources)
-            return finder
-    finder = BundleFinder(sources)
-    sys.meta_path.append(finder)
-    return finder
+            sys.meta_path.remove(finder)
+        if role == "private":
+            sys.meta_path.insert(0, finder)
+        else:
+            sys.meta_path.append(finder)

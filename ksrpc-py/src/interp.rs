@@ -29,21 +29,23 @@ pub(crate) fn describe(py: Python<'_>, err: &PyErr) -> String {
     format!("{tb}{err}")
 }
 
-/// Makes the bundled modules importable without writing a file: a finder
-/// last on `sys.meta_path` serves them from the texts compiled into this
-/// binary, so no directory another local user could plant or change is ever
-/// imported from, and an installed package of the same name still wins.
+/// Makes the bundled modules importable without writing a file: finders on
+/// `sys.meta_path` serve them from the texts compiled into this binary, the
+/// executor's own modules before anything on `sys.path` (no planted file can
+/// replace them) and the `ksrpc` stand-in after it (an installed `ksrpc`
+/// still wins).
 fn install_bundle(py: Python<'_>) -> PyResult<()> {
     let globals = PyDict::new(py);
     globals.set_item("__name__", "ksrpc_bundle_finder")?;
     let code = std::ffi::CString::new(BUNDLE_FINDER).expect("the finder's source has no NUL");
     py.run(&code, Some(&globals), None)?;
-    let sources = PyDict::new(py);
+    let (private, standins) = (PyDict::new(py), PyDict::new(py));
     for (name, is_package, text) in BUNDLED {
-        sources.set_item(name, (text, is_package))?;
+        let to = if name.starts_with("ksrpc_") { &private } else { &standins };
+        to.set_item(name, (text, is_package))?;
     }
     let install = globals.get_item("install")?.expect("bundle_finder.py defines install");
-    install.call1((sources,)).map(drop)
+    install.call1((private, standins)).map(drop)
 }
 
 /// The site-packages directory of `venv` and its Python version (`3.12`).

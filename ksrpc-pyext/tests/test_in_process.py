@@ -209,6 +209,24 @@ def test_python_dash_m_serves_and_stops_cleanly(tmp_path, stop):
         assert proc.wait(30) == 0, proc.stderr.read()
 
 
+def test_files_in_the_current_directory_cannot_replace_the_executor(tmp_path):
+    """`python -m` puts the current directory first on sys.path: a `ksrpc_executor.py`
+    or `ksrpc_capability.py` there used to be imported instead of the server's own (the
+    restricted unpickler, the capability rule). They are served from memory, first."""
+    marker = tmp_path / "planted-code-ran"
+    for name in ("ksrpc_executor.py", "ksrpc_capability.py"):
+        (tmp_path / name).write_text(f"open({str(marker)!r}, 'w').write('planted')\n")
+    proc, url = _start_module(sys.executable, ["--config", str(_config_file(tmp_path))], {}, cwd=tmp_path)
+    try:
+        assert call(url, "ksrpc.server.demo", "add", 2, 3) == 5
+        with pytest.raises(PermissionError):
+            call(url, "os", "getcwd")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, proc.stderr.read()
+    assert not marker.exists(), "a file in the current directory replaced the server's own module"
+
+
 def test_python_dash_m_without_users_prints_a_password_once(tmp_path):
     proc, url = _start_module(sys.executable, ["--port", "0"], {})
     try:

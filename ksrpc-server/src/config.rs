@@ -98,6 +98,9 @@ pub struct LimitsSection {
     pub max_inflight_bytes_per_user: u64,
     /// Seconds a request body may send nothing before it is answered 408.
     pub body_idle_timeout: f64,
+    /// Seconds a client may leave a reply piece untaken (it stopped
+    /// reading) before it is dropped.
+    pub send_timeout: f64,
     /// Seconds an idle generator handle lives.
     pub handle_ttl: f64,
     /// Generator handles per user.
@@ -118,6 +121,7 @@ impl Default for LimitsSection {
             max_inflight_bytes: 4 << 30,
             max_inflight_bytes_per_user: 1 << 30,
             body_idle_timeout: 60.0,
+            send_timeout: 300.0,
             handle_ttl: py.handle_ttl,
             handle_cap: py.handle_cap,
         }
@@ -256,6 +260,7 @@ impl Config {
             ("limits.call_timeout", self.limits.call_timeout, false),
             ("limits.handle_ttl", self.limits.handle_ttl, false),
             ("limits.body_idle_timeout", self.limits.body_idle_timeout, false),
+            ("limits.send_timeout", self.limits.send_timeout, false),
         ];
         for (key, value, zero_ok) in seconds {
             if !value.is_finite() || value < 0.0 || (value == 0.0 && !zero_ok) {

@@ -163,7 +163,8 @@ fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<
         timestamp_window: config.server.timestamp_window,
         in_flight: Default::default(),
         budget: config.budget(),
-        body_idle: Duration::from_secs_f64(config.limits.body_idle_timeout),
+        body_idle: Duration::from_secs_f64(config.limits.body_idle_timeout.min(1e9)),
+        send_timeout: Duration::from_secs_f64(config.limits.send_timeout.min(1e9)),
     });
     let app_path = path;
     let mut server = HttpServer::new(move || {

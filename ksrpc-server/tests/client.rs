@@ -1086,3 +1086,119 @@ async fn logins_cannot_be_used_against_other_people() {
     }
     assert_eq!(probe_from(&server, [127, 0, 0, 7], ADMIN).await, 204);
 }
+
+/// A 0.8.1 request for `demo.create_1d_array(mb)`, pickled by the client
+/// venv's Python (dill, as that client does) and chunk-zlib encoded.
+fn compat_request(mb: u32) -> Vec<u8> {
+    let python = std::env::var("KSRPC_CLIENT_PYTHON_BIN").expect("KSRPC_CLIENT_PYTHON_BIN is set by cargo xtask test");
+    let code = format!(
+        "import sys, dill; from ksrpc.client import RpcCall; sys.stdout.buffer.write(dill.dumps(dict(\
+         module='ksrpc.server.demo', calls=[RpcCall('create_1d_array', ({mb},), {{}})], ref_id=0)))"
+    );
+    let out = Command::new(python).args(["-c", &code]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ksrpc_core::codec::encode_to_vec(&ksrpc_core::ChunkedZlib::default(), out.stdout.into()).unwrap()
+}
+
+/// Reads what `stream` still delivers (after the peer gave up, only what
+/// the kernel had buffered) until EOF, an error or 30 s; returns the bytes.
+async fn drain<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        all.extend_from_slice(&buf[..n]);
+    }
+    all
+}
+
+/// A client that asks for a 100 MB reply and stops reading used to pin the
+/// reply (and, over HTTP, a blocking thread of the encoder) for as long as
+/// it stayed connected. With `limits.send_timeout` (2 s here) the server
+/// gives up: reading afterwards yields only what was already in flight,
+/// never the whole reply, over compat HTTP, compat WebSocket and `/v2/ws`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_are_dropped_after_the_send_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start_with(4, "[limits]\nsend_timeout = 2.0");
+    let request = compat_request(100);
+    let rest = server.base.strip_prefix("http://").unwrap().to_owned();
+    let (host, path) = rest.split_once('/').unwrap();
+
+    // compat HTTP: the chunked body never reaches its final 0-size chunk.
+    let mut http = tokio::net::TcpStream::connect(host).await.unwrap();
+    let head = format!(
+        "POST /{path}/chunk HTTP/1.1\r\nHost: {host}\r\nAuthorization: {}\r\nX-Timestamp: {}\r\nContent-Length: {}\r\n\r\n",
+        basic(ADMIN.0, ADMIN.1),
+        timestamp(),
+        request.len()
+    );
+    http.write_all(head.as_bytes()).await.unwrap();
+    http.write_all(&request).await.unwrap();
+
+    // compat WebSocket: slices, borders and EOF in; the reply's EOF never comes.
+    let mut compat_ws = {
+        use tungstenite::client::IntoClientRequest;
+        let mut req = server.url(Transport::WebSocket).into_client_request().unwrap();
+        req.headers_mut().insert("Authorization", basic(ADMIN.0, ADMIN.1).parse().unwrap());
+        req.headers_mut().insert("X-Timestamp", timestamp().parse().unwrap());
+        let config = tungstenite::protocol::WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+        tokio_tungstenite::connect_async_with_config(req, Some(config), false).await.unwrap().0
+    };
+    // The request is one compressed slice followed by its border.
+    let border = std::str::from_utf8(ksrpc_core::codec::BORDER).unwrap();
+    let slice = &request[..request.len() - border.len()];
+    compat_ws.send(tungstenite::Message::Binary(slice.to_vec().into())).await.unwrap();
+    compat_ws.send(tungstenite::Message::Text(border.into())).await.unwrap();
+    compat_ws.send(tungstenite::Message::Text("EOF".into())).await.unwrap();
+
+    // v2: one call, its reply never finishes.
+    let (mut v2, _) = ws_connect(&server).await;
+    let chain = ksrpc_core::CallChain::new("ksrpc.server.demo")
+        .then(ksrpc_core::Call::method("create_1d_array", vec![Value::Int(100)]));
+    let call = ksrpc_core::native::ClientMessage::Call { id: 1, chain };
+    let frame = ksrpc_core::mux::frame(ksrpc_core::mux::Header { id: 1, fin: true, total: None }, &versioned(1, &call));
+    v2.send(tungstenite::Message::Binary(frame)).await.unwrap();
+
+    // Nobody reads for longer than the send timeout (plus the call's own time).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    let got = drain(&mut http).await;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&got[..got.len().min(80)]));
+    assert!(got.len() < 100 << 20, "the whole reply was kept for a client that stopped reading");
+    assert!(!got.ends_with(b"\r\n0\r\n\r\n"), "the chunked reply was finished");
+
+    let mut eof = false;
+    let mut bytes = 0usize;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(30), compat_ws.next()).await {
+        match m {
+            tungstenite::Message::Text(t) if t.as_str() == "EOF" => eof = true,
+            tungstenite::Message::Binary(b) => bytes += b.len(),
+            tungstenite::Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    assert!(!eof && bytes < 100 << 20, "the compat WebSocket reply was finished ({bytes} bytes)");
+
+    let mut fin = false;
+    let mut close = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(30), v2.next()).await {
+        match m {
+            tungstenite::Message::Binary(b) => fin |= ksrpc_core::mux::parse(&b).is_ok_and(|(h, _)| h.id == 1 && h.fin),
+            tungstenite::Message::Close(c) => {
+                close = c.map(|c| u16::from(c.code));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(!fin, "the v2 reply was finished for a client that stopped reading");
+    assert!(matches!(close, None | Some(1008)), "{close:?}");
+    // The server is fine for everyone else.
+    let client = server.client(Transport::WebSocket, ADMIN).await;
+    assert_eq!(client.module("ksrpc.server.demo").call("add", (1, 2)).await.unwrap(), Value::Int(3));
+}

@@ -88,6 +88,19 @@ impl ResponseError for TransportError {
         if matches!(self, TransportError::Unauthorized) {
             res.insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="Restricted Area""#));
         }
+        // A request refused while its body may still be arriving: the
+        // connection closes after the answer (under load actix could leave
+        // a half-read chunked body neither drained nor closed, and a
+        // pipelined request behind it unanswered).
+        if matches!(
+            self,
+            TransportError::BadRequest(_)
+                | TransportError::TooLarge(_)
+                | TransportError::BodyIdle(_)
+                | TransportError::OverBudget(_)
+        ) {
+            res.force_close();
+        }
         if matches!(self, TransportError::Throttled | TransportError::OverBudget(_)) {
             res.insert_header((header::RETRY_AFTER, "1"));
         }

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use ksrpc_core::auth::{check_timestamp, parse_basic, AuthError, Peer, User, UserStore};
 use ksrpc_core::budget::{MemoryBudget, Reservation};
-use ksrpc_core::codec::{ChunkedZlib, Codec, Limits};
+use ksrpc_core::codec::{ChunkedZlib, Codec, Limits, BORDER};
 use ksrpc_core::native::{self, ClientMessage, ServerMessage};
 use ksrpc_core::{CompatReply, CompatRequest, Executor, NativeRequest};
 use tokio::sync::oneshot;
@@ -52,6 +52,9 @@ pub struct HttpState {
     pub budget: Arc<MemoryBudget>,
     /// A request body that sends nothing for this long is answered 408.
     pub body_idle: Duration,
+    /// A reply piece a client does not take for this long drops the client
+    /// (it stopped reading); see [`SEND_TIMEOUT`] for the default.
+    pub send_timeout: Duration,
 }
 
 /// Native HTTP calls in flight by (user, request id), so that a `Cancel`
@@ -116,6 +119,7 @@ impl std::fmt::Debug for HttpState {
             .field("in_flight", &self.in_flight)
             .field("budget", &self.budget)
             .field("body_idle", &self.body_idle)
+            .field("send_timeout", &self.send_timeout)
             .finish()
     }
 }
@@ -253,9 +257,10 @@ async fn read_body(
             // Charged before it is decoded: what the batch may inflate to (its
             // own bytes, and the slice it completes, 8 MiB at most).
             let room = state.limits.max_decoded.saturating_sub(decoder.buffered());
+            let slices = 1 + batch.iter().map(|p| memchr::memmem::find_iter(p, BORDER).count() + 1).sum::<usize>();
             let may_grow = (batched as u64)
                 .saturating_mul(MAX_INFLATE_RATIO)
-                .saturating_add(ksrpc_core::codec::MAX_DECODED_SLICE)
+                .min((slices as u64).saturating_mul(ksrpc_core::codec::MAX_DECODED_SLICE))
                 .min(room);
             held.resize(decoder.buffered() + batched as u64 + may_grow)?;
             let pieces = std::mem::take(&mut batch);
@@ -343,7 +348,7 @@ async fn chunk(
             CompatReply { status: 500, body: body.into(), summary: reply.summary }
         }
     };
-    Ok(stream_reply(&state.codec, reply, user.name.clone(), bytes_in, started, held))
+    Ok(stream_reply(&state.codec, reply, user.name.clone(), bytes_in, started, held, state.send_timeout))
 }
 
 /// The media type of native-protocol bodies (zstd-compressed postcard).
@@ -353,14 +358,29 @@ fn native_response(status: actix_web::http::StatusCode, body: Vec<u8>) -> HttpRe
     HttpResponse::build(status).content_type(NATIVE_CONTENT_TYPE).body(body)
 }
 
-/// A 200 native response whose body keeps `held` charged until it is sent.
-fn native_response_held(body: Vec<u8>, held: Reservation) -> HttpResponse {
+/// A 200 native response (with a length, not chunked) sent in 256 KiB
+/// pieces. The reply and `held` are kept until the last piece is taken; a
+/// piece the client does not take within `send_timeout` (it stopped
+/// reading) ends the response short, which drops the connection, and gives
+/// the bytes back at once.
+fn native_response_held(body: Vec<u8>, held: Reservation, send_timeout: Duration) -> HttpResponse {
+    const PIECE: usize = 256 * 1024;
     let len = body.len() as u64;
-    let once = futures_util::stream::once(async move {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+    actix_web::rt::spawn(async move {
         let _held = held;
-        Ok::<Bytes, actix_web::Error>(Bytes::from(body))
+        for piece in body.chunks(PIECE) {
+            // A copy: a slice of the whole reply would keep all of it alive.
+            match tokio::time::timeout(send_timeout, tx.send(Bytes::copy_from_slice(piece))).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+        }
     });
-    HttpResponse::Ok().content_type(NATIVE_CONTENT_TYPE).body(actix_web::body::SizedStream::new(len, once))
+    let pieces = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<Bytes, actix_web::Error>(b), rx))
+    });
+    HttpResponse::Ok().content_type(NATIVE_CONTENT_TYPE).body(actix_web::body::SizedStream::new(len, pieces))
 }
 
 /// How many bytes a reply holds until it is sent (about its encoded size).
@@ -376,17 +396,23 @@ pub fn over_budget(e: &ksrpc_core::BudgetError) -> native::RemoteError {
     native::RemoteError { kind: "MemoryError".into(), message: e.to_string(), traceback: String::new() }
 }
 
+/// What decoding a native message may hold: its bytes, and what it decodes
+/// to (the declared size, or the limit when it declares none) with room for
+/// the decoded values themselves.
+pub fn decode_charge(wire: &[u8], limits: Limits) -> u64 {
+    let decoded = native::declared_size(wire).unwrap_or(limits.max_decoded).min(limits.max_decoded);
+    let values = (native::MAX_VALUES * std::mem::size_of::<native::Value>()) as u64;
+    wire.len() as u64 + decoded + decoded.saturating_mul(32).min(values)
+}
+
 /// Decodes a native client message, on the blocking pool unless it is
-/// small, after charging its decoded size (declared, or the limit when it
-/// declares none) to `held`. The outer error is the budget's; the inner one
-/// the message's own (answered with `Refused`).
+/// small; `held` must already hold [`decode_charge`] and afterwards holds
+/// the decoded message's weight.
 pub async fn decode_client_message(
     wire: Vec<u8>,
     limits: Limits,
     held: &mut Reservation,
 ) -> Result<Result<ClientMessage, native::NativeError>, TransportError> {
-    let decoded = native::declared_size(&wire).unwrap_or(limits.max_decoded).min(limits.max_decoded);
-    held.resize(wire.len() as u64 + decoded)?;
     let message = if native::is_light(&wire, INLINE_REPLY) {
         native::decode_compressed::<ClientMessage>(&wire, limits)
     } else {
@@ -395,7 +421,7 @@ pub async fn decode_client_message(
             .map_err(|e| TransportError::Internal(e.to_string()))?
     };
     if let Ok(m) = &message {
-        held.resize(message_weight(m))?;
+        held.force(message_weight(m));
     }
     Ok(message)
 }
@@ -448,6 +474,7 @@ async fn v2_call(
             native::encode_compressed(&ServerMessage::Refused { reason }),
         )
     };
+    held.resize(decode_charge(&wire, state.limits))?;
     let message = match decode_client_message(wire, state.limits, &mut held).await? {
         Ok(m) => m,
         Err(e) => return Ok(refuse(e.to_string())),
@@ -494,7 +521,7 @@ async fn v2_call(
     let body = encode_server_message(ServerMessage::Reply { id, outcome }).await?;
     let bytes_out = body.len() as u64;
     // Held until actix has taken the whole body.
-    let response = native_response_held(body, held);
+    let response = native_response_held(body, held, state.send_timeout);
     tracing::info!(
         user = %user.name,
         chain = %summary,

@@ -1,5 +1,7 @@
 //! Streaming a reply out through the codec, and the one log line per call.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::HttpResponse;
@@ -13,7 +15,8 @@ use ksrpc_core::{CompatReply, Reservation};
 /// few compressed slices.
 const CHANNEL: usize = 8;
 
-/// Longest a reply's next piece may wait for a client that stopped reading.
+/// Longest a reply's next piece may wait for a client that stopped reading,
+/// unless `limits.send_timeout` says otherwise.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One `tracing` line per call: user, chain (argument counts only), reply
@@ -36,8 +39,8 @@ pub fn log_call(user: &str, reply: &CompatReply, bytes_in: u64, bytes_out: u64, 
 ///
 /// `held` (the reply's share of the memory budget) is given back when the
 /// last piece is sent or the client goes away. An encoder whose piece is not
-/// taken for [`SEND_TIMEOUT`] (a client that stopped reading) gives up, so
-/// no blocking thread waits forever.
+/// taken for `send_timeout` (a client that stopped reading) gives up, so no
+/// blocking thread waits forever.
 pub fn stream_reply(
     codec: &ChunkedZlib,
     reply: CompatReply,
@@ -45,6 +48,7 @@ pub fn stream_reply(
     bytes_in: u64,
     started: Instant,
     held: Reservation,
+    send_timeout: Duration,
 ) -> HttpResponse {
     let mut res = HttpResponse::Ok();
     res.content_type("application/octet-stream").insert_header((
@@ -67,22 +71,39 @@ pub fn stream_reply(
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL);
     let codec = codec.clone();
     let runtime = tokio::runtime::Handle::current();
+    let complete = Arc::new(AtomicBool::new(false));
+    let done = complete.clone();
     tokio::task::spawn_blocking(move || {
         let _held = held;
         let mut bytes_out = 0u64;
         let r = codec.encode(&mut std::iter::once(reply.body.clone()), &mut |piece| {
             bytes_out += piece.len() as u64;
-            match runtime.block_on(tokio::time::timeout(SEND_TIMEOUT, tx.send(piece))) {
+            match runtime.block_on(tokio::time::timeout(send_timeout, tx.send(piece))) {
                 Ok(Ok(())) => Flow::Continue(()),
                 Ok(Err(_)) | Err(_) => Flow::Break(()),
             }
         });
-        if let Err(e) = r {
-            tracing::warn!(user, "reply not fully sent: {e}");
+        match r {
+            Ok(()) => done.store(true, Ordering::Release),
+            Err(e) => tracing::warn!(user, "reply not fully sent: {e}"),
         }
         log_call(&user, &reply, bytes_in, bytes_out, started);
     });
-    let body =
-        stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<Bytes, actix_web::Error>(b), rx)) });
+    let body = stream::unfold(Some(rx), move |rx| {
+        let complete = complete.clone();
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(b) => Some((Ok::<Bytes, actix_web::Error>(b), Some(rx))),
+                // The encoder stopped early (the client stopped reading, or
+                // encoding failed): an error ends the response without its
+                // final chunk, so no client takes a cut reply for a whole one.
+                None if !complete.load(Ordering::Acquire) => {
+                    Some((Err(actix_web::error::ErrorInternalServerError("the reply was cut short")), None))
+                }
+                None => None,
+            }
+        }
+    });
     res.streaming(body)
 }

@@ -53,6 +53,7 @@ fn state(limits: Limits) -> web::Data<HttpState> {
         in_flight: Default::default(),
         budget: ksrpc_core::MemoryBudget::unlimited(),
         body_idle: std::time::Duration::from_secs(60),
+        send_timeout: std::time::Duration::from_secs(300),
     })
 }
 

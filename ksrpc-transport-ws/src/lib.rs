@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use ksrpc_core::auth::User;
 use ksrpc_core::codec::{CodecError, Flow, WsEvent, WsFrame};
 use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError};
-use ksrpc_transport_http::{log_call, user_of, HttpState, TransportError, SEND_TIMEOUT};
+use ksrpc_transport_http::{log_call, user_of, HttpState, TransportError};
 use std::sync::Arc;
 
 /// A request that stops half-way is dropped after this long without a message.
@@ -216,7 +216,7 @@ async fn send_reply(state: &HttpState, session: &mut Session, reply: &CompatRepl
             return None;
         }
         for frame in frames {
-            sent += send_frame(session, frame).await?;
+            sent += send_frame(session, frame, state.send_timeout).await?;
         }
         return Some(sent);
     }
@@ -231,24 +231,24 @@ async fn send_reply(state: &HttpState, session: &mut Session, reply: &CompatRepl
         }
     });
     while let Some(frame) = rx.recv().await {
-        sent += send_frame(session, frame).await?;
+        sent += send_frame(session, frame, state.send_timeout).await?;
     }
     Some(sent)
 }
 
 /// Sends one frame; `None` when the client went away or did not take the
-/// frame within [`SEND_TIMEOUT`] (a client that stopped reading must not pin
-/// the socket, its reply, or the encoder's thread).
-async fn send_frame(session: &mut Session, frame: WsFrame) -> Option<u64> {
+/// frame within `timeout` (a client that stopped reading must not pin the
+/// socket, its reply, or the encoder's thread).
+async fn send_frame(session: &mut Session, frame: WsFrame, timeout: Duration) -> Option<u64> {
     let (n, sending) = match frame {
         WsFrame::Binary(b) => (b.len() as u64, futures_util::future::Either::Left(session.binary(b))),
         WsFrame::Text(t) => (t.len() as u64, futures_util::future::Either::Right(session.text(t))),
     };
-    match tokio::time::timeout(SEND_TIMEOUT, sending).await {
+    match tokio::time::timeout(timeout, sending).await {
         Ok(Ok(())) => Some(n),
         Ok(Err(_)) => None,
         Err(_) => {
-            tracing::warn!("websocket client stopped reading for {} s; closing", SEND_TIMEOUT.as_secs());
+            tracing::warn!("websocket client stopped reading for {:.0} s; closing", timeout.as_secs_f64());
             None
         }
     }

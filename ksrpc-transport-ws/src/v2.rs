@@ -35,8 +35,8 @@ pub const CALLS_PER_SOCKET: usize = 32;
 /// A message left half-sent is dropped after this long without a frame.
 const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
 
-/// Longest one frame may wait to be taken by a client that stopped reading.
-const SEND_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a socket waiting for memory budget looks again.
+const BUDGET_RETRY: Duration = Duration::from_millis(50);
 
 /// Calls of one socket accepted but not answered yet (running or waiting for
 /// one of the [`CALLS_PER_SOCKET`] places); beyond it, or beyond the
@@ -157,6 +157,9 @@ impl Socket {
                 }
                 () = std::future::ready(()), if sending => self.send_slice().await,
                 () = idle => Err(Some((CloseCode::Policy, "a message was left half-sent".into()))),
+                // Not reading for want of budget: look again soon (the bytes
+                // may be freed by other sockets, which do not wake this one).
+                () = tokio::time::sleep(BUDGET_RETRY), if !reading => Ok(()),
             };
             if let Err(stop) = step {
                 break stop;
@@ -167,7 +170,8 @@ impl Socket {
         }
         self.held.force(0);
         if let Some((code, reason)) = stop {
-            let _ = self.session.close(close_reason(code, reason)).await;
+            let close = self.session.close(close_reason(code, reason));
+            let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
         }
     }
 
@@ -200,7 +204,7 @@ impl Socket {
         let frame = mux::frame(Header { id: out.id, fin: end == out.data.len(), total }, &out.data[out.sent..end]);
         // A peer that stops reading must not pin this socket's calls and
         // replies forever.
-        match tokio::time::timeout(SEND_TIMEOUT, self.session.binary(frame)).await {
+        match tokio::time::timeout(self.state.send_timeout, self.session.binary(frame)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(None),
             Err(_) => return Err(Some((CloseCode::Policy, "the client stopped reading".into()))),
@@ -265,8 +269,18 @@ impl Socket {
         let weight = wire.len() as u64;
         let limits = self.state.limits;
         // The message is decoded under a reservation of its own, held until
-        // it is accepted below (then counted in `queued_bytes`).
+        // it is accepted below (then counted in `queued_bytes`). While the
+        // budget has no room for it the socket waits (and reads nothing);
+        // only a wait beyond the half-sent idle time closes it.
         let mut decoding = self.state.budget.reservation(&self.user.name);
+        let charge = ksrpc_transport_http::decode_charge(&wire, limits);
+        let waiting = Instant::now();
+        while let Err(e) = decoding.resize(charge) {
+            if waiting.elapsed() > HALF_SENT_IDLE {
+                return Err(Some((CloseCode::Again, e.to_string())));
+            }
+            tokio::time::sleep(BUDGET_RETRY).await;
+        }
         let decoded = match ksrpc_transport_http::decode_client_message(wire, limits, &mut decoding).await {
             Ok(decoded) => decoded,
             Err(e) => return Err(Some((CloseCode::Again, e.to_string()))),

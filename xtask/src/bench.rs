@@ -684,7 +684,21 @@ pub fn run(args: &[String]) -> Result<()> {
     std::fs::write(&committed, &record)?;
     eprintln!("wrote {}", committed.display());
     if !quick {
-        update_readme(&format!("{header}{table}{wheel_header}{wheel_table}"), &committed)?;
+        let ratios: Vec<f64> = rows.iter().map(Row::ratio).filter(|r| r.is_finite()).collect();
+        let (lo, hi) = ratios.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        let status = format!(
+            "Over all {} rows of the last full bench (`{}`, same run, same machine), ours is \
+             {lo:.1}x to {hi:.1}x the original (a ratio above 1 is better for ours; the table below has every row).\n",
+            ratios.len(),
+            committed.strip_prefix(root()).unwrap_or(&committed).display()
+        );
+        update_readme(
+            "<!-- bench:begin -->",
+            "<!-- bench:end -->",
+            &format!("{header}{table}{wheel_header}{wheel_table}"),
+            &committed,
+        )?;
+        update_readme("<!-- status:begin -->", "<!-- status:end -->", &status, &committed)?;
     }
     std::fs::write(
         dir.join("bench.json"),
@@ -726,18 +740,16 @@ fn provenance(env: &Env) -> Result<String> {
     ))
 }
 
-/// Puts a full run's tables into README.md between its bench markers.
-fn update_readme(tables: &str, record: &Path) -> Result<()> {
-    const BEGIN: &str = "<!-- bench:begin -->";
-    const END: &str = "<!-- bench:end -->";
+/// Puts `text` (from a full run) into README.md between the markers.
+fn update_readme(begin: &str, end: &str, text: &str, record: &Path) -> Result<()> {
     let path = root().join("README.md");
     let readme = std::fs::read_to_string(&path)?;
-    let (Some(b), Some(e)) = (readme.find(BEGIN), readme.find(END)) else {
-        bail!("README.md has no {BEGIN} ... {END} markers for the bench table");
+    let (Some(b), Some(e)) = (readme.find(begin), readme.find(end)) else {
+        bail!("README.md has no {begin} ... {end} markers");
     };
     let name = record.strip_prefix(root()).unwrap_or(record).display();
-    let body = format!("{BEGIN}\n<!-- from {name}, written by `cargo xtask bench` -->\n{tables}{END}");
-    std::fs::write(&path, format!("{}{body}{}", &readme[..b], &readme[e + END.len()..]))?;
-    eprintln!("updated the bench table in README.md");
+    let body = format!("{begin}\n<!-- from {name}, written by `cargo xtask bench` -->\n{text}{end}");
+    std::fs::write(&path, format!("{}{body}{}", &readme[..b], &readme[e + end.len()..]))?;
+    eprintln!("updated README.md between {begin} and {end}");
     Ok(())
 }

@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::test::root;
 
-/// nginx, stopped when dropped.
+/// nginx (one process: `master_process off`, so killing it leaves no
+/// worker behind), stopped when dropped.
 pub struct Nginx {
     child: Child,
     /// The base URL through nginx (`http://127.0.0.1:PORT/api/v1`).
@@ -42,10 +43,11 @@ pub fn nginx_binary() -> Result<PathBuf> {
             .map(|s| s.success())
             .unwrap_or(false)
     };
-    let install = ["install", "-y", "-q", "--no-install-recommends", "nginx"];
+    // Wait for another apt (unattended upgrades on a fresh VM) instead of failing.
+    let install = ["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q", "--no-install-recommends", "nginx"];
     if !apt(&install) {
         // A fresh machine has no package lists yet.
-        apt(&["update", "-q"]);
+        apt(&["-o", "DPkg::Lock::Timeout=600", "update", "-q"]);
         apt(&install);
     }
     find().context("nginx is not installed and `apt-get install nginx` did not install it")
@@ -73,7 +75,7 @@ pub fn config(block: &str, port: u16, upstream: &str, dir: &Path) -> Result<Stri
         .replace(pass, &format!("proxy_pass http://{upstream};"));
     let d = dir.display();
     Ok(format!(
-        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+        "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
          events {{ worker_connections 256; }}\n\
          http {{\n    access_log {d}/access.log;\n    client_body_temp_path {d}/body;\n    \
          proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    \

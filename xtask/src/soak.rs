@@ -162,7 +162,9 @@ async fn raw_reader(base: &str, body: &[u8], slow: bool) -> Result<()> {
     for round in 0..rounds {
         let mut got = 0;
         while got < buf.len() {
-            let n = s.read(&mut buf[got..]).await?;
+            let n = tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf[got..]))
+                .await
+                .context("no reply bytes for 60 s")??;
             if n == 0 {
                 bail!("the server closed after {got} bytes");
             }
@@ -361,18 +363,37 @@ pub fn run(env: &Env, duration: Duration) -> Result<(u64, u64, u64)> {
         })
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // Every actor stops at `stop`; a call stuck past that (plus a minute)
+    // is a failure, never a hang of the run.
     let load = rt.block_on(async {
         let hostile = tokio::spawn(hostile_load(server.url.clone(), body, tally.clone(), stop));
-        let native = native_load(server.url.clone(), tally.clone(), stop).await;
-        let _ = hostile.await;
+        let native = native_load(server.url.clone(), tally.clone(), stop);
+        let late = tokio::time::Instant::from_std(stop + Duration::from_secs(60));
+        let native = tokio::time::timeout_at(late, native)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("stuck past the end of the run")));
+        if tokio::time::timeout_at(late + Duration::from_secs(5), hostile).await.is_err() {
+            tally.fail("the raw readers or the password probe were stuck past the end of the run".into());
+        }
         native
     });
+    rt.shutdown_timeout(Duration::from_secs(5));
     if let Err(e) = load {
         tally.fail(format!("the native load stopped: {e:#}"));
     }
     let alive = sampler.join().unwrap_or(false);
+    let py_deadline = stop + Duration::from_secs(90);
+    let mut python = python;
+    while python.try_wait()?.is_none() && Instant::now() < py_deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if python.try_wait()?.is_none() {
+        let _ = python.kill();
+        tally.fail("the 0.8.1 client was stuck past the end of the run".into());
+    }
     let py = python.wait_with_output()?;
-    let py_out = String::from_utf8_lossy(&py.stdout).trim().to_owned();
+    // The 0.8.1 client prints server tracebacks on stdout; the result is the last line.
+    let py_out = String::from_utf8_lossy(&py.stdout).lines().last().unwrap_or_default().trim().to_owned();
     if !py.status.success() {
         tally.fail(format!("the 0.8.1 client: {py_out}"));
     }
