@@ -66,6 +66,16 @@ impl From<ExecError> for TransportError {
     }
 }
 
+impl TransportError {
+    /// Whether this refusal can come while the request body is still
+    /// arriving, and the rest of it should be read (and dropped) before the
+    /// answer: a framing error or the memory budget, not a size limit or a
+    /// silent client.
+    pub fn ends_body_early(&self) -> bool {
+        matches!(self, TransportError::BadRequest(_) | TransportError::OverBudget(_))
+    }
+}
+
 impl ResponseError for TransportError {
     fn status_code(&self) -> StatusCode {
         match self {
@@ -88,17 +98,9 @@ impl ResponseError for TransportError {
         if matches!(self, TransportError::Unauthorized) {
             res.insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="Restricted Area""#));
         }
-        // A request refused while its body may still be arriving: the
-        // connection closes after the answer (under load actix could leave
-        // a half-read chunked body neither drained nor closed, and a
-        // pipelined request behind it unanswered).
-        if matches!(
-            self,
-            TransportError::BadRequest(_)
-                | TransportError::TooLarge(_)
-                | TransportError::BodyIdle(_)
-                | TransportError::OverBudget(_)
-        ) {
+        // The body was not read to its end (too large, or silent): the
+        // connection cannot be reused.
+        if matches!(self, TransportError::TooLarge(_) | TransportError::BodyIdle(_)) {
             res.force_close();
         }
         if matches!(self, TransportError::Throttled | TransportError::OverBudget(_)) {

@@ -240,6 +240,36 @@ async fn read_body(
     state: &HttpState,
     held: &mut Reservation,
 ) -> Result<(Vec<u8>, u64), TransportError> {
+    let mut seen = 0u64;
+    let result = decode_body(body, state, held, &mut seen).await;
+    if result.as_ref().is_err_and(TransportError::ends_body_early) {
+        held.force(0);
+        discard_rest(body, state, seen).await;
+    }
+    result
+}
+
+/// Reads and drops what is left of a refused request's body, up to the
+/// body limit (and while it keeps coming), so the answer is sent after the
+/// whole request and the connection stays in step (actix could otherwise
+/// leave a half-read chunked body neither drained nor closed). Holds no
+/// memory: every piece is dropped as it arrives.
+async fn discard_rest(body: &mut web::Payload, state: &HttpState, mut seen: u64) {
+    while seen <= state.limits.max_encoded {
+        match tokio::time::timeout(state.body_idle, body.next()).await {
+            Ok(Some(Ok(piece))) => seen += piece.len() as u64,
+            _ => return,
+        }
+    }
+}
+
+/// [`read_body`] proper; `seen` counts the body bytes read.
+async fn decode_body(
+    body: &mut web::Payload,
+    state: &HttpState,
+    held: &mut Reservation,
+    seen: &mut u64,
+) -> Result<(Vec<u8>, u64), TransportError> {
     let mut decoder = state.codec.decoder(state.limits);
     let mut bytes_in = 0u64;
     let mut batch: Vec<Bytes> = Vec::new();
@@ -249,6 +279,7 @@ async fn read_body(
         let end = piece.is_none();
         if let Some(piece) = piece {
             bytes_in += piece.len() as u64;
+            *seen = bytes_in;
             batched += piece.len();
             batch.push(piece);
             held.resize(decoder.buffered() + batched as u64)?;
@@ -304,7 +335,13 @@ async fn read_raw(
         if (out.len() + piece.len()) as u64 > limit {
             return Err(TransportError::TooLarge(format!("request body exceeds the limit of {limit} bytes")));
         }
-        held.resize((out.len() + piece.len()) as u64)?;
+        if let Err(e) = held.resize((out.len() + piece.len()) as u64) {
+            let seen = (out.len() + piece.len()) as u64;
+            drop(out);
+            held.force(0);
+            discard_rest(body, state, seen).await;
+            return Err(e.into());
+        }
         out.extend_from_slice(&piece);
     }
     Ok(out)
