@@ -69,10 +69,10 @@ impl From<ExecError> for TransportError {
 impl TransportError {
     /// Whether this refusal can come while the request body is still
     /// arriving, and the rest of it should be read (and dropped) before the
-    /// answer: a framing error or the memory budget, not a size limit or a
-    /// silent client.
+    /// answer: a framing error. Size limits, the memory budget and a silent
+    /// client are answered at once, and the connection closed.
     pub fn ends_body_early(&self) -> bool {
-        matches!(self, TransportError::BadRequest(_) | TransportError::OverBudget(_))
+        matches!(self, TransportError::BadRequest(_))
     }
 }
 
@@ -98,9 +98,9 @@ impl ResponseError for TransportError {
         if matches!(self, TransportError::Unauthorized) {
             res.insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="Restricted Area""#));
         }
-        // The body was not read to its end (too large, or silent): the
+        // The body was not read to its end (too large, over budget, silent): the
         // connection cannot be reused.
-        if matches!(self, TransportError::TooLarge(_) | TransportError::BodyIdle(_)) {
+        if matches!(self, TransportError::TooLarge(_) | TransportError::BodyIdle(_) | TransportError::OverBudget(_)) {
             res.force_close();
         }
         if matches!(self, TransportError::Throttled | TransportError::OverBudget(_)) {

@@ -335,13 +335,7 @@ async fn read_raw(
         if (out.len() + piece.len()) as u64 > limit {
             return Err(TransportError::TooLarge(format!("request body exceeds the limit of {limit} bytes")));
         }
-        if let Err(e) = held.resize((out.len() + piece.len()) as u64) {
-            let seen = (out.len() + piece.len()) as u64;
-            drop(out);
-            held.force(0);
-            discard_rest(body, state, seen).await;
-            return Err(e.into());
-        }
+        held.resize((out.len() + piece.len()) as u64)?;
         out.extend_from_slice(&piece);
     }
     Ok(out)

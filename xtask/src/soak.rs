@@ -340,11 +340,15 @@ pub fn run(env: &Env, duration: Duration) -> Result<(u64, u64, u64)> {
     let stop = started + duration;
     let tally = Arc::new(Tally::default());
 
+    // Its stdout goes to a file: the 0.8.1 client prints every server
+    // traceback there, and an unread pipe would block it once full.
+    let py_log = dir.join("python-client.out");
     let python = std::process::Command::new(&env.client_python)
         .arg(root().join("xtask/soak/soak_client.py"))
         .args([&server.url, ADMIN.0, ADMIN.1, &duration.as_secs().to_string()])
         .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&py_log)?)
+        .stderr(std::process::Stdio::null())
         .spawn()
         .context("starting the 0.8.1 soak client")?;
 
@@ -391,10 +395,11 @@ pub fn run(env: &Env, duration: Duration) -> Result<(u64, u64, u64)> {
         let _ = python.kill();
         tally.fail("the 0.8.1 client was stuck past the end of the run".into());
     }
-    let py = python.wait_with_output()?;
-    // The 0.8.1 client prints server tracebacks on stdout; the result is the last line.
-    let py_out = String::from_utf8_lossy(&py.stdout).lines().last().unwrap_or_default().trim().to_owned();
-    if !py.status.success() {
+    let py = python.wait()?;
+    // The result is the last line (the client prints server tracebacks before it).
+    let py_text = std::fs::read_to_string(&py_log).unwrap_or_default();
+    let py_out = py_text.lines().last().unwrap_or_default().trim().to_owned();
+    if !py.success() {
         tally.fail(format!("the 0.8.1 client: {py_out}"));
     }
     if !alive || sample(pid, started).is_none() {
