@@ -1055,11 +1055,35 @@ def error_reply(module: str, exc: BaseException, tb: str = "") -> bytes:
         return pickle.dumps(_reply_dict(module, 500, data, tb=tb or ""), protocol=5)
 
 
+def _reduce_module(m):
+    """A module object goes by reference: the client imports its own copy, as the
+    original's pickles do for installed modules, wherever the server loaded it from (dill
+    would send a module outside site-packages by value, its whole __dict__, which the
+    client cannot rebuild). A module not in sys.modules under its name goes to dill."""
+    name = getattr(m, "__name__", None)
+    if isinstance(name, str) and sys.modules.get(name) is m:
+        return importlib.import_module, (name,)
+    raise TypeError(f"cannot pickle module {name!r} by reference")
+
+
+class _ReplyPickler(pickle.Pickler):
+    """pickle.Pickler with modules by reference (a dispatch-table entry: looked up by
+    exact type in C, so other objects cost nothing extra)."""
+
+    dispatch_table = {**copyreg.dispatch_table, types.ModuleType: _reduce_module}
+
+
+def _pickle_reply(d) -> bytes:
+    buf = io.BytesIO()
+    _ReplyPickler(buf, protocol=5).dump(d)
+    return buf.getvalue()
+
+
 def _ok_reply(module, data, ref_id=0, calls=()):
     """Pickle a 200 reply: pickle, then dill, else a 500 saying why."""
     d = _reply_dict(module, 200, data, ref_id, calls)
     try:
-        return 200, pickle.dumps(d, protocol=5)
+        return 200, _pickle_reply(d)
     except MemoryError:
         raise
     except Exception as e:

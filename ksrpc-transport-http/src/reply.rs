@@ -1,6 +1,6 @@
 //! Streaming a reply out through the codec, and the one log line per call.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,9 @@ use ksrpc_core::{CompatReply, Reservation};
 /// rayon window this bounds the memory of one reply to the payload plus a
 /// few compressed slices.
 const CHANNEL: usize = 8;
+
+/// Numbers the replies' `Content-Disposition` names.
+static REPLY_NUMBER: AtomicU64 = AtomicU64::new(1);
 
 /// Longest a reply's next piece may wait for a client that stopped reading,
 /// unless `limits.send_timeout` says otherwise.
@@ -51,10 +54,10 @@ pub fn stream_reply(
     send_timeout: Duration,
 ) -> HttpResponse {
     let mut res = HttpResponse::Ok();
-    res.content_type("application/octet-stream").insert_header((
-        "Content-Disposition",
-        format!("attachment; filename=\"{}.pkl.chunked.zip\"", started.elapsed().as_nanos()),
-    ));
+    // The original's header, byte for byte in form: `<number>.pkl.chunked.zip`
+    // (aiohttp's `id(request)` there; a counter here), no `attachment;`.
+    let n = REPLY_NUMBER.fetch_add(1, Ordering::Relaxed);
+    res.content_type("application/octet-stream").insert_header(("Content-Disposition", format!("{n}.pkl.chunked.zip")));
     if reply.body.len() <= codec.slice_size {
         let mut out = Vec::new();
         let r = codec.encode(&mut std::iter::once(reply.body.clone()), &mut |p| {

@@ -133,6 +133,22 @@ def test_self_with_builtins(conn):
 # --------------------------------------------------------------------------
 # attribute reads
 # --------------------------------------------------------------------------
+def test_module_objects_go_by_reference_and_the_demo_is_the_originals(conn):
+    """A module object as a result arrives as the client's own copy of that module (the
+    original pickles installed modules by reference; ours used to send the stand-in demo by
+    value, which the client could not load); the demo's docstring is the original's."""
+    import types
+
+    async def main():
+        async with conn:
+            assert await demo_of(conn).add(1, 1) == 2  # the demo module is imported
+            mod = await RpcClient("ksrpc.server", conn, lazy=True).demo.collect()
+            assert isinstance(mod, types.ModuleType) and mod.__name__ == "ksrpc.server.demo", mod
+            assert await demo_of(conn).__getattr__("__doc__")() == "\n演示函数\n"
+
+    run(main())
+
+
 def test_attribute_reads(conn):
     async def main():
         async with conn:

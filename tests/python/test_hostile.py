@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import os
 import pickle
 import socket
@@ -245,6 +246,9 @@ def assert_chunked_reply(resp: RawResponse):
     encoding, no Content-Length, no empty HTTP chunk, ends with a border at the
     end of an HTTP chunk."""
     assert resp.status == 200, (resp.status, resp.text[:300])
+    # the original's headers, in the original's form (scripts and proxies may read them)
+    assert re.fullmatch(r"\d+\.pkl\.chunked\.zip", resp.header("content-disposition") or ""), resp.headers
+    assert resp.header("content-type") == "application/octet-stream", resp.headers
     assert resp.header("transfer-encoding") is not None and "chunked" in resp.header("transfer-encoding").lower()
     assert resp.header("content-length") is None, resp.headers
     assert resp.chunks, "no HTTP chunk in the reply"

@@ -1,8 +1,10 @@
-"""Demo functions, the same names and behaviour as ksrpc 0.8.1's `ksrpc.server.demo`.
-
-numpy and pandas are imported inside the functions that need them, so the
-module imports on a server without them.
 """
+演示函数
+"""
+# The docstring above is the original's, to the byte (clients read `demo.__doc__`).
+# Same names and behaviour as ksrpc 0.8.1's `ksrpc.server.demo`; numpy and pandas are
+# imported inside the functions that need them, so the module imports on a server
+# without them.
 import asyncio
 import importlib
 import random
@@ -114,5 +116,3 @@ class Child(Parent):
 
 
 child_obj = Child()
-# An attribute named like a submodule hides it: RpcClient("ksrpc.server").demo is this string.
-demo = "654321"
