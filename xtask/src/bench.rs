@@ -710,7 +710,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// Where and from what a bench ran: the commit (and whether the tree had
 /// uncommitted changes), the machine, and the tool versions.
-fn provenance(env: &Env) -> Result<String> {
+pub fn provenance(env: &Env) -> Result<String> {
     let run = |cmd: &mut Command| -> String {
         cmd.output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
     };
@@ -741,7 +741,7 @@ fn provenance(env: &Env) -> Result<String> {
 }
 
 /// Puts `text` (from a full run) into README.md between the markers.
-fn update_readme(begin: &str, end: &str, text: &str, record: &Path) -> Result<()> {
+pub fn update_readme(begin: &str, end: &str, text: &str, record: &Path) -> Result<()> {
     let path = root().join("README.md");
     let readme = std::fs::read_to_string(&path)?;
     let (Some(b), Some(e)) = (readme.find(begin), readme.find(end)) else {

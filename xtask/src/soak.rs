@@ -459,6 +459,47 @@ pub fn main(args: &[String]) -> Result<()> {
     if failed > 0 {
         bail!("the soak failed; see target/xtask/soak/soak.json and server.log");
     }
+    if minutes >= 30.0 {
+        record(&env)?;
+    }
     println!("soak passed ({minutes} min); summary in target/xtask/soak/soak.json");
+    Ok(())
+}
+
+/// A run of 30 minutes or more is the one the README reports: its summary
+/// goes to `docs/soak.md` (with the commit and machine) and into the README
+/// between its soak markers.
+fn record(env: &Env) -> Result<()> {
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("target/xtask/soak/soak.json"))?)?;
+    let g = &summary["growth_after_warmup"];
+    let py = &summary["python_client"];
+    let text = format!(
+        "A {:.0}-minute `cargo xtask soak` passed: {} checked answers and no failure; the 0.8.1 client made \
+         {} calls (plus {} DataFrames, {} dropped generators and {} errors checked); the victim's slowest call \
+         took {} ms while a flood user kept 16 blocking calls in flight; after warm-up the server grew by {} MiB \
+         RSS, {} threads and {} open files (bounds: {} MiB, {} and {}); its peak RSS was {} MiB.\n",
+        summary["seconds"].as_f64().unwrap_or(0.0) / 60.0,
+        summary["checks_ok"],
+        py["add"],
+        py["frame"],
+        py["generator_dropped"],
+        py["error"],
+        summary["worst_victim_ms"],
+        g["rss_mib"],
+        g["threads"],
+        g["fds"],
+        RSS_GROWTH >> 20,
+        THREAD_GROWTH,
+        FD_GROWTH,
+        summary["peak_rss_mib"],
+    );
+    let file = root().join("docs/soak.md");
+    std::fs::write(
+        &file,
+        format!("{}\n{text}", crate::bench::provenance(env)?.replace("# Bench record", "# Soak record")),
+    )?;
+    crate::bench::update_readme("<!-- soak:begin -->", "<!-- soak:end -->", &text, &file)?;
+    eprintln!("wrote {}", file.display());
     Ok(())
 }
