@@ -46,10 +46,11 @@ async def assert_still_serves(c):
     assert await RpcClient(DEMO, c).add(1, 2) == 3
 
 
-def attempt(c, make_call, marker=None):
+def attempt(c, make_call, marker=None, refusal=PermissionError):
     """Run ``make_call(c)`` (an awaitable); require that nothing ran (no marker),
-    that the call raised, and that the connection still works afterwards.
-    Returns the exception.
+    that the call was refused (raised ``refusal``: the rule's error, never just any
+    exception, which a chain that cannot work would raise too), and that the
+    connection still works afterwards. Returns the exception.
 
     Note for chains: names that exist on RpcClient itself (``__init__``,
     ``__class__``, ``__call__``, ``__doc__``, ...) must be written
@@ -66,6 +67,7 @@ def attempt(c, make_call, marker=None):
             if marker is not None:
                 assert_not_created(marker)
             assert err is not None, f"the call was not refused; it returned {value!r:.300}"
+            assert isinstance(err, refusal), f"not refused by a rule: {type(err).__name__}: {err}"
             await assert_still_serves(c)
             return err
 
@@ -137,7 +139,8 @@ READ_CHAINS = {
     "demo.LIST.__class__.__base__.__subclasses__()": lambda c: (
         _demo(c, True).LIST.__getattr__("__class__").__base__.__subclasses__().collect()
     ),
-    "demo.np.__name__ (numpy not allowed)": lambda c: _demo(c, True).np.__name__.collect(),
+    # the demo imports importlib at module level; the limited user may not reach it
+    "demo.importlib.__name__ (importlib not allowed)": lambda c: _demo(c, True).importlib.__name__.collect(),
 }
 
 
