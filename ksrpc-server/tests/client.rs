@@ -30,6 +30,12 @@ impl Server {
 
     /// A server with `threads` Python threads and `extra` TOML appended.
     fn start_with(threads: usize, extra: &str) -> Server {
+        Server::start_logging(threads, extra, "warn", None)
+    }
+
+    /// [`Server::start_with`] with `RUST_LOG` set to `log` and the log
+    /// written to `log_file` (else to the test's stderr).
+    fn start_logging(threads: usize, extra: &str, log: &str, log_file: Option<&std::path::Path>) -> Server {
         let venv = std::env::var("KSRPC_TEST_VENV").expect("KSRPC_TEST_VENV is not set: run `cargo xtask test`");
         let modules = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/server_modules");
         let dir = tempfile::tempdir().unwrap();
@@ -59,9 +65,9 @@ threads = {threads}
         let mut child = Command::new(BIN)
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log_file.map_or_else(Stdio::inherit, |f| std::fs::File::create(f).unwrap().into()))
             .spawn()
             .unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -459,9 +465,16 @@ async fn tls_front(server: &Server) -> (u16, String) {
 async fn https_and_wss_through_a_tls_front_with_a_private_root() {
     let server = Server::start();
     let (port, pem) = tls_front(&server).await;
+    calls_over_tls_need_the_root(&port.to_string(), &pem).await;
+}
+
+/// Over `https://localhost:PORT` and `wss://`: a call and a table go through
+/// with `pem` as the root; without it the certificate is refused and no call
+/// goes through.
+async fn calls_over_tls_need_the_root(port: &str, pem: &str) {
     for url in [format!("https://localhost:{port}/api/v1"), format!("wss://localhost:{port}/api/v1/ws")] {
         let client = Client::builder(&url)
-            .add_root_certificate_pem(pem.clone())
+            .add_root_certificate_pem(pem.to_owned())
             .credentials(ADMIN.0, ADMIN.1)
             .connect()
             .await
@@ -469,7 +482,6 @@ async fn https_and_wss_through_a_tls_front_with_a_private_root() {
         assert_eq!(client.module("ksrpc.server.demo").call("add", (1, 2)).await.unwrap(), Value::Int(3), "{url}");
         let frame = client.module("bench_mod").call("market_frame", (300,)).record_batches().await.unwrap();
         assert_eq!(frame.iter().map(|b| b.num_rows()).sum::<usize>(), 300);
-        // Without the root, the certificate is refused: no call goes through.
         let untrusted = async {
             let c = Client::builder(&url).credentials(ADMIN.0, ADMIN.1).connect().await?;
             c.module("ksrpc.server.demo").call("add", (1, 2)).await
@@ -502,23 +514,7 @@ async fn https_and_wss_from_the_servers_own_tls_with_a_private_root() {
     let server = Server::start_with(4, &tls);
     assert!(server.base.starts_with("https://127.0.0.1:"), "the listening line says https: {}", server.base);
     let port = server.base.trim_start_matches("https://127.0.0.1:").split('/').next().unwrap().to_owned();
-    for url in [format!("https://localhost:{port}/api/v1"), format!("wss://localhost:{port}/api/v1/ws")] {
-        let client = Client::builder(&url)
-            .add_root_certificate_pem(pem.clone())
-            .credentials(ADMIN.0, ADMIN.1)
-            .connect()
-            .await
-            .unwrap();
-        assert_eq!(client.module("ksrpc.server.demo").call("add", (1, 2)).await.unwrap(), Value::Int(3), "{url}");
-        let frame = client.module("bench_mod").call("market_frame", (300,)).record_batches().await.unwrap();
-        assert_eq!(frame.iter().map(|b| b.num_rows()).sum::<usize>(), 300);
-        let untrusted = async {
-            let c = Client::builder(&url).credentials(ADMIN.0, ADMIN.1).connect().await?;
-            c.module("ksrpc.server.demo").call("add", (1, 2)).await
-        };
-        let err = untrusted.await.unwrap_err();
-        assert!(matches!(err, Error::Connection(_)), "{url}: {err}");
-    }
+    calls_over_tls_need_the_root(&port, &pem).await;
     // Plain HTTP on the TLS port: no answer a client could take for a reply.
     let plain = Client::builder(format!("http://127.0.0.1:{port}/api/v1")).credentials(ADMIN.0, ADMIN.1);
     let attempt = async { plain.connect().await?.module("ksrpc.server.demo").call("add", (1, 2)).await };
@@ -1201,4 +1197,49 @@ async fn clients_that_stop_reading_are_dropped_after_the_send_timeout() {
     // The server is fine for everyone else.
     let client = server.client(Transport::WebSocket, ADMIN).await;
     assert_eq!(client.module("ksrpc.server.demo").call("add", (1, 2)).await.unwrap(), Value::Int(3));
+}
+
+/// Decoding a compat request body never runs on a connection worker (an
+/// actix arbiter thread) beyond a few KiB: bigger batches go to the
+/// blocking pool, so a slice inflating 64-fold cannot stall the other
+/// connections of that worker. Seen in the server's own debug line for each
+/// batch it decodes (the old code decoded every piece on the worker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_are_decoded_off_the_connection_workers() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let server = Server::start_logging(4, "", "warn,ksrpc_transport_http=debug", Some(&log));
+    // 1 MiB of random bytes: stored slices, about 1 MiB on the wire.
+    let python = std::env::var("KSRPC_CLIENT_PYTHON_BIN").expect("KSRPC_CLIENT_PYTHON_BIN is set by cargo xtask test");
+    let code = "import os, sys, dill; from ksrpc.client import RpcCall; sys.stdout.buffer.write(dill.dumps(dict(\
+                module='ksrpc.server.demo', calls=[RpcCall('add', (os.urandom(1 << 20), b''), {})], ref_id=0)))";
+    let out = Command::new(python).args(["-c", code]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let body = ksrpc_core::codec::encode_to_vec(&ksrpc_core::ChunkedZlib::default(), out.stdout.into()).unwrap();
+    assert!(body.len() > 1 << 20);
+    let mut upload = start_upload(&server, ADMIN, body.len(), &body).await;
+    assert_eq!(status_within(&mut upload, Duration::from_secs(30)).await, Some(200));
+    upload.shutdown().await.ok();
+    drop(server);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let batches: Vec<(u64, String)> = text
+        .lines()
+        .filter(|l| l.contains("decoding a request batch"))
+        .map(|l| {
+            let after = |key: &str| l.split(key).nth(1).unwrap_or("");
+            let bytes = after("bytes=").split_whitespace().next().unwrap_or("").parse().unwrap_or(0);
+            // a quoted value: the worker threads' names hold spaces
+            let thread = after("thread=\"").split('"').next().unwrap_or("").to_owned();
+            (bytes, thread)
+        })
+        .collect();
+    let big: Vec<_> = batches.iter().filter(|(bytes, _)| *bytes > 4096).collect();
+    assert!(!big.is_empty(), "no batch of the 1 MiB body was logged: {batches:?}");
+    for (bytes, thread) in &big {
+        // actix runs each connection worker on an arbiter thread
+        // (`actix-rt|system:0|arbiter:N`), the server on `ksrpc-http`
+        let worker = thread.starts_with("actix-rt|") || thread == "ksrpc-http";
+        assert!(!worker, "{bytes} bytes decoded on the connection worker {thread:?}");
+    }
 }

@@ -316,6 +316,11 @@ fn feed(
     mut decoder: Box<dyn ksrpc_core::codec::StreamDecoder>,
     pieces: &[Bytes],
 ) -> Result<Box<dyn ksrpc_core::codec::StreamDecoder>, TransportError> {
+    // Where decoding runs is part of the design (never on a connection
+    // worker for more than a few KiB): said at debug level, and tested.
+    let bytes: usize = pieces.iter().map(Bytes::len).sum();
+    let thread = std::thread::current();
+    tracing::debug!(bytes, thread = thread.name().unwrap_or("unnamed"), "decoding a request batch");
     for p in pieces {
         decoder.feed(p)?;
     }

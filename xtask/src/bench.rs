@@ -206,15 +206,19 @@ fn port_of(url: &str) -> u16 {
 /// The compat request body of `demo.add(1, 2)` exactly as the 0.8.1 client
 /// makes it (dill pickle, chunked zlib at level 6).
 fn add_body(env: &Env) -> Result<Vec<u8>> {
-    let out = Command::new(&env.client_python)
-        .args([
-            "-c",
-            "import sys, dill; from ksrpc.client import RpcCall; \
-             sys.stdout.buffer.write(dill.dumps(dict(module='ksrpc.server.demo', \
-             calls=[RpcCall('add', (1, 2), {})], ref_id=0)))",
-        ])
-        .output()?;
-    anyhow::ensure!(out.status.success(), "pickling the add request failed");
+    demo_request(env, "RpcCall('add', (1, 2), {})")
+}
+
+/// The compat request body of one demo call (`call`, an `RpcCall(...)`
+/// expression) as the 0.8.1 client makes it: the client venv's dill pickle,
+/// chunked zlib at level 6.
+pub fn demo_request(env: &Env, call: &str) -> Result<Vec<u8>> {
+    let code = format!(
+        "import sys, dill; from ksrpc.client import RpcCall; \
+         sys.stdout.buffer.write(dill.dumps(dict(module='ksrpc.server.demo', calls=[{call}], ref_id=0)))"
+    );
+    let out = Command::new(&env.client_python).args(["-c", &code]).output()?;
+    anyhow::ensure!(out.status.success(), "pickling the request {call} failed");
     Ok(encode_to_vec(&ChunkedZlib::with_level(Level::Fixed(6)), Bytes::from(out.stdout))?)
 }
 
@@ -678,7 +682,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let record = format!(
         "{}
 {header}{table}{wheel_header}{wheel_table}",
-        provenance(&env)?
+        provenance(&env, "bench")?
     );
     let committed = root().join(if quick { "docs/bench-quick.md" } else { "docs/bench.md" });
     std::fs::write(&committed, &record)?;
@@ -697,8 +701,9 @@ pub fn run(args: &[String]) -> Result<()> {
             "<!-- bench:end -->",
             &format!("{header}{table}{wheel_header}{wheel_table}"),
             &committed,
+            "bench",
         )?;
-        update_readme("<!-- status:begin -->", "<!-- status:end -->", &status, &committed)?;
+        update_readme("<!-- status:begin -->", "<!-- status:end -->", &status, &committed, "bench")?;
     }
     std::fs::write(
         dir.join("bench.json"),
@@ -710,7 +715,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// Where and from what a bench ran: the commit (and whether the tree had
 /// uncommitted changes), the machine, and the tool versions.
-pub fn provenance(env: &Env) -> Result<String> {
+pub fn provenance(env: &Env, command: &str) -> Result<String> {
     let run = |cmd: &mut Command| -> String {
         cmd.output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
     };
@@ -732,8 +737,8 @@ pub fn provenance(env: &Env) -> Result<String> {
     let rustc = run(Command::new("rustc").arg("--version"));
     let date = run(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
     Ok(format!(
-        "<!-- written by `cargo xtask bench`; do not edit by hand -->\n\
-         # Bench record\n\n\
+        "<!-- written by `cargo xtask {command}`; do not edit by hand -->\n\
+         # {command} record\n\n\
          - commit: `{commit}`{}\n- date: {date}\n- machine: {cores} cores ({cpu}), {mem_gib:.0} GiB RAM\n\
          - {python}; {rustc}\n",
         if dirty { " with uncommitted changes" } else { "" }
@@ -741,14 +746,14 @@ pub fn provenance(env: &Env) -> Result<String> {
 }
 
 /// Puts `text` (from a full run) into README.md between the markers.
-pub fn update_readme(begin: &str, end: &str, text: &str, record: &Path) -> Result<()> {
+pub fn update_readme(begin: &str, end: &str, text: &str, record: &Path, command: &str) -> Result<()> {
     let path = root().join("README.md");
     let readme = std::fs::read_to_string(&path)?;
     let (Some(b), Some(e)) = (readme.find(begin), readme.find(end)) else {
         bail!("README.md has no {begin} ... {end} markers");
     };
     let name = record.strip_prefix(root()).unwrap_or(record).display();
-    let body = format!("{begin}\n<!-- from {name}, written by `cargo xtask bench` -->\n{text}{end}");
+    let body = format!("{begin}\n<!-- from {name}, written by `cargo xtask {command}` -->\n{text}{end}");
     std::fs::write(&path, format!("{}{body}{}", &readme[..b], &readme[e + end.len()..]))?;
     eprintln!("updated README.md between {begin} and {end}");
     Ok(())

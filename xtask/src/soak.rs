@@ -19,17 +19,14 @@
 //! [`THREAD_GROWTH`] threads and [`FD_GROWTH`] files.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use base64::Engine;
-use bytes::Bytes;
 use futures_util::StreamExt;
 use ksrpc_client::{Client, Error, Transport, Value};
-use ksrpc_core::codec::{encode_to_vec, ChunkedZlib, Level};
 use serde_json::json;
 
 use crate::suite::Kind;
@@ -125,20 +122,6 @@ threads = 8
         ),
     )?;
     Ok(file)
-}
-
-/// A 0.8.1 request for `demo.create_1d_array(10)` as that client encodes it.
-fn big_request(env: &Env) -> Result<Vec<u8>> {
-    let out = Command::new(&env.client_python)
-        .args([
-            "-c",
-            "import sys, dill; from ksrpc.client import RpcCall; \
-             sys.stdout.buffer.write(dill.dumps(dict(module='ksrpc.server.demo', \
-             calls=[RpcCall('create_1d_array', (10,), {})], ref_id=0)))",
-        ])
-        .output()?;
-    anyhow::ensure!(out.status.success(), "pickling the request failed");
-    Ok(encode_to_vec(&ChunkedZlib::with_level(Level::Fixed(6)), Bytes::from(out.stdout))?)
 }
 
 /// Sends the raw 0.8.1 request and reads its reply: `slow` reads 64 KiB a
@@ -335,7 +318,7 @@ pub fn run(env: &Env, duration: Duration) -> Result<(u64, u64, u64)> {
     let server = Kind::Binary(env.target_dir.join("debug/ksrpc-server")).start(&config, dir.join("server.log"))?;
     let pid = server.pid();
     eprintln!("    soaking {} for {} s", server.url, duration.as_secs());
-    let body = Arc::new(big_request(env)?);
+    let body = Arc::new(crate::bench::demo_request(env, "RpcCall('create_1d_array', (10,), {})")?);
     let started = Instant::now();
     let stop = started + duration;
     let tally = Arc::new(Tally::default());
@@ -495,11 +478,8 @@ fn record(env: &Env) -> Result<()> {
         summary["peak_rss_mib"],
     );
     let file = root().join("docs/soak.md");
-    std::fs::write(
-        &file,
-        format!("{}\n{text}", crate::bench::provenance(env)?.replace("# Bench record", "# Soak record")),
-    )?;
-    crate::bench::update_readme("<!-- soak:begin -->", "<!-- soak:end -->", &text, &file)?;
+    std::fs::write(&file, format!("{}\n{text}", crate::bench::provenance(env, "soak")?))?;
+    crate::bench::update_readme("<!-- soak:begin -->", "<!-- soak:end -->", &text, &file, "soak")?;
     eprintln!("wrote {}", file.display());
     Ok(())
 }
