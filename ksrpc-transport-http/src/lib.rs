@@ -369,21 +369,7 @@ async fn chunk(
             },
         )?;
     // Then the reply, until its last byte is sent.
-    let reply = match held.resize(reply.body.len() as u64) {
-        Ok(()) => reply,
-        Err(e) => {
-            held.force(0);
-            tracing::warn!(user = %user.name, chain = %reply.summary, "reply refused: {e}");
-            let body = ksrpc_core::compat::error_reply(
-                "",
-                "MemoryError",
-                &e.to_string(),
-                "",
-                &ksrpc_core::compat::utc_now_iso(),
-            );
-            CompatReply { status: 500, body: body.into(), summary: reply.summary }
-        }
-    };
+    let reply = admit_compat_reply(reply, &mut held, &user.name);
     Ok(stream_reply(&state.codec, reply, user.name.clone(), bytes_in, started, held, state.send_timeout))
 }
 
@@ -427,6 +413,27 @@ pub fn outcome_weight(outcome: &native::Outcome) -> u64 {
     }
 }
 
+/// A compat reply charged to `held` until it is sent, or, when it would pass
+/// the memory budget, a 500 reply with a `MemoryError` naming the limit in
+/// its place (nothing held). Both compat transports answer this way.
+pub fn admit_compat_reply(reply: CompatReply, held: &mut Reservation, user: &str) -> CompatReply {
+    match held.resize(reply.body.len() as u64) {
+        Ok(()) => reply,
+        Err(e) => {
+            held.force(0);
+            tracing::warn!(user, chain = %reply.summary, "reply refused: {e}");
+            let body = ksrpc_core::compat::error_reply(
+                "",
+                "MemoryError",
+                &e.to_string(),
+                "",
+                &ksrpc_core::compat::utc_now_iso(),
+            );
+            CompatReply { status: 500, body: body.into(), summary: reply.summary }
+        }
+    }
+}
+
 /// The error a call's caller sees when its reply would pass the budget.
 pub fn over_budget(e: &ksrpc_core::BudgetError) -> native::RemoteError {
     native::RemoteError { kind: "MemoryError".into(), message: e.to_string(), traceback: String::new() }
@@ -437,8 +444,10 @@ pub fn over_budget(e: &ksrpc_core::BudgetError) -> native::RemoteError {
 /// the decoded values themselves.
 pub fn decode_charge(wire: &[u8], limits: Limits) -> u64 {
     let decoded = native::declared_size(wire).unwrap_or(limits.max_decoded).min(limits.max_decoded);
-    let values = (native::MAX_VALUES * std::mem::size_of::<native::Value>()) as u64;
-    wire.len() as u64 + decoded + decoded.saturating_mul(32).min(values)
+    // every value takes at least one decoded byte and one slot in memory
+    let slot = std::mem::size_of::<native::Value>() as u64;
+    let values = native::MAX_VALUES as u64 * slot;
+    wire.len() as u64 + decoded + decoded.saturating_mul(slot).min(values)
 }
 
 /// Decodes a native client message, on the blocking pool unless it is

@@ -126,11 +126,13 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
                 return;
             }
         };
+        // A framing error is reported as such below, not as a budget refusal.
         let charged = match &event {
-            Ok(WsEvent::Done(p)) => p.len() as u64,
-            _ => decoder.buffered(),
+            Ok(WsEvent::Done(p)) => Some(p.len() as u64),
+            Ok(WsEvent::More) => Some(decoder.buffered()),
+            Err(_) => None,
         };
-        if let Err(e) = held.resize(charged) {
+        if let Some(Err(e)) = charged.map(|bytes| held.resize(bytes)) {
             tracing::warn!(user = %user.name, bytes_in, "websocket request refused: {e}");
             let _ = session.close(close_reason(CloseCode::Again, e.to_string())).await;
             return;
@@ -182,14 +184,7 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
                 CompatReply { status: 500, body: body.into(), summary: "<not run>".into() }
             }
         };
-        let reply = match held.resize(reply.body.len() as u64) {
-            Ok(()) => reply,
-            Err(e) => {
-                tracing::warn!(user = %user.name, chain = %reply.summary, "reply refused: {e}");
-                let body = compat::error_reply("", "MemoryError", &e.to_string(), "", &compat::utc_now_iso());
-                CompatReply { status: 500, body: body.into(), summary: reply.summary }
-            }
-        };
+        let reply = ksrpc_transport_http::admit_compat_reply(reply, &mut held, &user.name);
         match send_reply(&state, &mut session, &reply).await {
             Some(bytes_out) => log_call(&user.name, &reply, bytes_in, bytes_out, started),
             None => return,
