@@ -30,6 +30,11 @@ pub struct CompatReply {
     pub body: Bytes,
     /// The chain for logs, with argument counts and no values.
     pub summary: String,
+    /// The dotted chain (`module.attr.attr`) when the reply may be cached:
+    /// a plain result of a call that passed no chain as an argument (never
+    /// an error or a generator). The result cache matches its ttl patterns
+    /// on it.
+    pub cache_chain: Option<String>,
 }
 
 /// One native-protocol call: an authenticated user and an explicit chain

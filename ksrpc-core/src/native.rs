@@ -391,7 +391,12 @@ thread_local! {
 /// [`encode`] then zstd: the bytes a transport sends (one zstd frame with
 /// its content size).
 pub fn encode_compressed<T: Serialize>(message: &T) -> Vec<u8> {
-    let raw = encode(message);
+    compress(encode(message))
+}
+
+/// zstd as [`encode_compressed`] does it: one frame with its content size,
+/// small messages with a context kept per thread, big ones in parallel.
+fn compress(raw: Vec<u8>) -> Vec<u8> {
     if raw.len() <= BULK_MAX {
         let bulk = COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
@@ -429,6 +434,71 @@ fn compress_parallel(raw: &[u8]) -> Option<Vec<u8>> {
     encoder.set_pledged_src_size(Some(raw.len() as u64)).ok()?;
     std::io::Write::write_all(&mut encoder, raw).ok()?;
     encoder.finish().ok()?;
+    Some(out)
+}
+
+/// The outcome alone, postcard then zstd (one frame with its content
+/// size): what the result cache keeps, so that a hit becomes a reply with
+/// [`reply_from_outcome`] without encoding or compressing again.
+pub fn encode_outcome(outcome: &Outcome) -> Vec<u8> {
+    compress(postcard::to_allocvec(outcome).expect("serializing into a Vec cannot fail"))
+}
+
+/// The wire bytes of `ServerMessage::Reply { id, outcome }` from the frame
+/// [`encode_outcome`] made, exactly what [`encode_compressed`] would decode
+/// to. The message is the version, the variant and the id (a few bytes)
+/// followed by the outcome, so the new frame is a header, one raw block
+/// with those bytes, then the outcome frame's blocks as they are: the
+/// blocks' matches reach back only within the outcome, and a raw block
+/// changes neither the repeat offsets nor the entropy tables. `None` when
+/// the frame is not one this can splice (a checksum, a dictionary, no
+/// content size, or not one whole frame).
+pub fn reply_from_outcome(id: u64, frame: &[u8]) -> Option<Vec<u8>> {
+    const MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
+    if frame.len() < 6 || frame[..4] != MAGIC || zstd::zstd_safe::find_frame_compressed_size(frame).ok()? != frame.len()
+    {
+        return None;
+    }
+    let content = zstd::zstd_safe::get_frame_content_size(frame).ok().flatten()?;
+    let fhd = frame[4];
+    let (fcs_flag, single, checksum, dict) = (fhd >> 6, fhd & 0x20 != 0, fhd & 0x04 != 0, fhd & 0x03);
+    if checksum || dict != 0 || fhd & 0x08 != 0 {
+        return None;
+    }
+    let mut at = 5;
+    let window = if single {
+        None
+    } else {
+        at += 1;
+        Some(*frame.get(5)?)
+    };
+    at += match (fcs_flag, single) {
+        (0, true) => 1,
+        (0, false) => 0,
+        (1, _) => 2,
+        (2, _) => 4,
+        _ => 8,
+    };
+    let blocks = frame.get(at..)?;
+    let mut prefix = postcard::to_allocvec(&VERSION).expect("a u16 always serializes");
+    prefix.push(0); // ServerMessage::Reply, the first variant
+    let prefix = postcard::to_extend(&id, prefix).expect("serializing into a Vec cannot fail");
+    // A window that covers what the outcome's single segment covered (its
+    // whole content, rounded up to a power of two), or the outcome's own.
+    let window = window.unwrap_or_else(|| {
+        let log = (64 - content.max(1024).saturating_sub(1).leading_zeros()).max(10) as u8;
+        (log - 10) << 3
+    });
+    let total = content.checked_add(prefix.len() as u64)?;
+    let mut out = Vec::with_capacity(frame.len() + prefix.len() + 16);
+    out.extend_from_slice(&MAGIC);
+    out.push(0xC0); // 8-byte content size, windowed, no checksum, no dictionary
+    out.push(window);
+    out.extend_from_slice(&total.to_le_bytes());
+    let raw_block = (prefix.len() as u32) << 3; // not last, raw, size
+    out.extend_from_slice(&raw_block.to_le_bytes()[..3]);
+    out.extend_from_slice(&prefix);
+    out.extend_from_slice(blocks);
     Some(out)
 }
 

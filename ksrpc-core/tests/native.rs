@@ -138,3 +138,53 @@ fn trailing_bytes_are_an_error() {
     bytes.push(0);
     assert!(matches!(decode::<ClientMessage>(&bytes), Err(NativeError::Malformed(_))));
 }
+
+/// A cached outcome frame spliced behind a new id decodes, with the limits
+/// a client uses, to exactly the reply `encode_compressed` would have sent:
+/// small (one-shot, single-segment frames), big and compressible, big and
+/// incompressible (the parallel encoder's windowed frames), every id width.
+#[test]
+fn a_cached_outcome_becomes_the_reply_of_any_id() {
+    use ksrpc_core::codec::Limits;
+    use ksrpc_core::native::{decode_compressed, encode_compressed, encode_outcome, reply_from_outcome};
+    let mut noise = Vec::with_capacity(12 << 20);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    while noise.len() < 12 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.extend_from_slice(&x.to_le_bytes());
+    }
+    let outcomes = [
+        Outcome::Ok(Value::Int(3)),
+        Outcome::Ok(Value::Str("x".repeat(200_000))),
+        Outcome::Ok(Value::Table(ByteBuf::from((0..20u32 << 20).map(|i| (i / 7) as u8).collect::<Vec<u8>>()))),
+        Outcome::Ok(Value::Bytes(ByteBuf::from(noise))),
+        Outcome::Err(RemoteError { kind: "ValueError".into(), message: "m".into(), traceback: "t".into() }),
+    ];
+    let limits = Limits { max_encoded: 1 << 30, max_decoded: 1 << 30 };
+    for outcome in outcomes {
+        let frame = encode_outcome(&outcome);
+        for id in [0u64, 1, 127, 128, 300_000, u64::MAX] {
+            let wire = reply_from_outcome(id, &frame).expect("our own frames splice");
+            let message: ServerMessage = decode_compressed(&wire, limits).unwrap();
+            assert_eq!(message, ServerMessage::Reply { id, outcome: outcome.clone() });
+            let direct = encode_compressed(&ServerMessage::Reply { id, outcome: outcome.clone() });
+            let direct: ServerMessage = decode_compressed(&direct, limits).unwrap();
+            assert_eq!(message, direct);
+            // Through the streaming decoder too (no one-shot shortcut).
+            let mut out = Vec::new();
+            zstd::stream::copy_decode(&wire[..], &mut out).unwrap();
+            assert_eq!(decode::<ServerMessage>(&out).unwrap(), message);
+        }
+    }
+    // Not ours: refused, never spliced into nonsense.
+    assert!(reply_from_outcome(1, b"not zstd at all").is_none());
+    let mut two = encode_outcome(&Outcome::Exhausted);
+    two.extend_from_slice(&encode_outcome(&Outcome::Exhausted));
+    assert!(reply_from_outcome(1, &two).is_none());
+    let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+    enc.include_checksum(true).unwrap();
+    std::io::Write::write_all(&mut enc, &postcard::to_allocvec(&Outcome::Exhausted).unwrap()).unwrap();
+    assert!(reply_from_outcome(1, &enc.finish().unwrap()).is_none(), "a checksummed frame is not spliced");
+}

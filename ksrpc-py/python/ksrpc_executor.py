@@ -991,6 +991,18 @@ def _summarize(module, calls, ref_id=0):
     return ".".join(parts) + (" [handle]" if ref_id else "")
 
 
+def _cache_chain(module, calls, ref_id, rpc_client):
+    """The dotted chain (`module.attr.attr`) the result cache matches its ttl patterns on, or
+    None when the request is never cached: a generator step, or a chain passed as an argument
+    (what it resolves to is not part of the chain)."""
+    if ref_id:
+        return None
+    for c in calls:
+        if any(isinstance(v, rpc_client) for v in list(c.args or ()) + list((c.kwargs or {}).values())):
+            return None
+    return ".".join([module] + [c.name for c in calls])
+
+
 def _one_line(text, limit=300):
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -1313,8 +1325,10 @@ class Executor:
 
     # -- public API ------------------------------------------------------------
     def handle(self, call_id: int, user: str, rules, payload: bytes, fast: bool = False
-               ) -> tuple[int, str | None, bytes, str]:
-        """One request -> (reply_status, bad_request, reply_bytes, summary). Never raises.
+               ) -> tuple[int, str | None, bytes, str, str | None]:
+        """One request -> (reply_status, bad_request, reply_bytes, summary, cache_chain). Never
+        raises. `cache_chain` is the dotted chain when the reply may be cached (a plain result:
+        not an error, not a generator, see `_cache_chain`), else None.
         `fast`: the caller proved the pickle mutates only objects it builds (see
         `_FastUnpickler`), so the C unpickler may load it; it hands the request to the
         careful unpickler when a global needs that one's checks."""
@@ -1334,22 +1348,25 @@ class Executor:
             except BaseException as e:
                 msg = _one_line(e if isinstance(e, (_Refused, _NeedsDill)) else
                                 f"undecodable request pickle: {type(e).__name__}: {_safe_str(e)}")
-                return 500, msg, self._bad_reply(e, msg), summary
+                return 500, msg, self._bad_reply(e, msg), summary, None
             try:
                 module, calls, ref_id = _validate(req, (self._RpcCall, self._RpcClient))
             except Exception as e:
                 msg = _one_line(f"invalid request: {_safe_str(e)}")
-                return 500, msg, self._bad_reply(e, msg), "<invalid>"
+                return 500, msg, self._bad_reply(e, msg), "<invalid>", None
             del req
             summary = _summarize(module, calls, ref_id)
             ctx = _Ctx(user, rules, state, time.monotonic() + self._call_timeout)
+            cache_chain = None
             try:
-                status, reply = self._execute(ctx, module, calls, ref_id)
+                status, reply, handle = self._execute(ctx, module, calls, ref_id)
+                if status == 200 and not handle:
+                    cache_chain = _cache_chain(module, calls, ref_id, self._RpcClient)
             except BaseException as e:
                 status, reply = 500, error_reply(module, e, traceback.format_exc())
-            return status, None, reply, summary
+            return status, None, reply, summary, cache_chain
         except BaseException as e:  # last resort, e.g. an exception injected while replying
-            return 500, None, error_reply(module, e, traceback.format_exc()), summary
+            return 500, None, error_reply(module, e, traceback.format_exc()), summary, None
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
@@ -1459,7 +1476,8 @@ class Executor:
             result = None
             # names only: the client appends __anext__ and sends them back; big arguments stay here
             echo = [self._RpcCall(c.name, None, None) for c in calls]
-        return _ok_reply(module, result, new_ref, echo)
+        status, reply = _ok_reply(module, result, new_ref, echo)
+        return status, reply, new_ref
 
     def _advance(self, ctx, hid):
         h = self._handles.take(ctx.user, hid)

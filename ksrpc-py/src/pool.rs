@@ -394,8 +394,13 @@ fn run_compat(
         .bind(py)
         .call_method1("handle", (id, user.name.as_str(), rules, py_payload, fast))
         .map_err(internal)?;
-    let (status, bad_request, reply, summary): (u16, Option<String>, Bound<'_, PyBytes>, String) =
-        result.extract().map_err(internal)?;
+    let (status, bad_request, reply, summary, cache_chain): (
+        u16,
+        Option<String>,
+        Bound<'_, PyBytes>,
+        String,
+        Option<String>,
+    ) = result.extract().map_err(internal)?;
     if let Some(message) = bad_request {
         return Err(ExecError::BadRequest { message, reply: zero_copy(reply), summary });
     }
@@ -403,9 +408,9 @@ fn run_compat(
     if len > shared.config.max_reply_bytes {
         let msg = over_reply_limit(len, shared.config.max_reply_bytes);
         let body = compat::error_reply("", "MemoryError", &msg, "", &compat::utc_now_iso());
-        return Ok(CompatReply { status: 500, body: body.into(), summary });
+        return Ok(CompatReply { status: 500, body: body.into(), summary, cache_chain: None });
     }
-    Ok(CompatReply { status, body: zero_copy(reply), summary })
+    Ok(CompatReply { status, body: zero_copy(reply), summary, cache_chain })
 }
 
 /// The error message of a reply over `python.max_reply_bytes`.
@@ -546,7 +551,7 @@ impl Executor for PyExecutor {
             |reply| Work::Compat { payload, reply },
             |msg| {
                 let body = compat::error_reply("", "TimeoutError", &msg, "", &compat::utc_now_iso());
-                CompatReply { status: 500, body: body.into(), summary: String::from("<timed out>") }
+                CompatReply { status: 500, body: body.into(), summary: String::from("<timed out>"), cache_chain: None }
             },
         )
         .await

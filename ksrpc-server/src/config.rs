@@ -26,6 +26,8 @@ pub struct Config {
     pub codec: CodecSection,
     /// The embedded interpreter.
     pub python: PythonSection,
+    /// The result cache.
+    pub cache: CacheSection,
 }
 
 /// `[server]`.
@@ -195,6 +197,35 @@ impl Default for PythonSection {
     }
 }
 
+/// `[cache]`: results of the calls `ttl` names, kept as encoded replies.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    /// Off by default: caching serves a stored answer instead of calling.
+    pub enabled: bool,
+    /// Directory of the disk tier (survives restarts); none: memory only.
+    pub path: Option<PathBuf>,
+    /// Bound of the memory tier (least recently used evicted).
+    pub max_memory_bytes: u64,
+    /// Bound of the disk tier (least recently used evicted).
+    pub max_disk_bytes: u64,
+    /// `PATTERN SECONDS`, first match on the dotted chain wins; no match is
+    /// not cached.
+    pub ttl: Vec<String>,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            enabled: false,
+            path: None,
+            max_memory_bytes: 1 << 30,
+            max_disk_bytes: 10 << 30,
+            ttl: Vec::new(),
+        }
+    }
+}
+
 /// Command-line values that override everything else.
 #[derive(Debug, Default, Serialize)]
 pub struct Overrides {
@@ -273,6 +304,10 @@ impl Config {
             tls.server_config()?;
         }
         self.codec.level.parse()?;
+        ksrpc_cache::TtlRules::parse(&self.cache.ttl).context("cache.ttl")?;
+        if self.cache.enabled && self.cache.ttl.is_empty() {
+            tracing::warn!("cache.enabled is set but cache.ttl names no call: nothing will be cached");
+        }
         if self.codec.slice_size == 0 || self.codec.slice_size > DEFAULT_MAX_ENCODED_SLICE / 2 {
             bail!("codec.slice_size must be between 1 and {}", DEFAULT_MAX_ENCODED_SLICE / 2);
         }
@@ -294,6 +329,36 @@ impl Config {
             level: self.codec.level.parse().expect("validated"),
             max_encoded_slice: DEFAULT_MAX_ENCODED_SLICE,
         }
+    }
+
+    /// The result cache, when enabled: opens the disk tier (reading what a
+    /// previous run left there).
+    pub fn cache(&self) -> Result<Option<std::sync::Arc<ksrpc_cache::ResultCache>>> {
+        if !self.cache.enabled {
+            return Ok(None);
+        }
+        let settings = self.cache_settings()?;
+        let dir = settings.path.clone();
+        let cache = ksrpc_cache::ResultCache::open(settings)
+            .with_context(|| format!("opening the result cache at {:?}", dir.unwrap_or_default()))?;
+        let s = cache.stats();
+        tracing::info!(entries_on_disk = s.disk.0, bytes_on_disk = s.disk.1, "result cache enabled");
+        Ok(Some(cache))
+    }
+
+    /// What the result cache is opened with.
+    pub fn cache_settings(&self) -> Result<ksrpc_cache::CacheSettings> {
+        Ok(ksrpc_cache::CacheSettings {
+            path: self.cache.path.clone(),
+            max_memory_bytes: self.cache.max_memory_bytes,
+            max_disk_bytes: self.cache.max_disk_bytes,
+            max_entry_bytes: self.limits.max_reply_bytes,
+            ttl: ksrpc_cache::TtlRules::parse(&self.cache.ttl).context("cache.ttl")?,
+            // What a call may do beyond its user's rules: entries made under
+            // other settings are never served.
+            policy: format!("allow_code={} unpickle_allow={:?}", self.python.allow_code, self.python.unpickle_allow)
+                .into_bytes(),
+        })
     }
 
     /// The memory budget of bytes in flight.

@@ -36,6 +36,20 @@ struct Cli {
 enum Command {
     /// Print an argon2id hash of a password read from stdin, for `password_hash`.
     HashPassword,
+    /// The result cache's disk tier (`[cache] path` of the config).
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheAction {
+    /// Entries, bytes, expired entries and damaged files on disk.
+    Stats,
+    /// Delete every entry file (other files in the directory are left alone).
+    /// A running server keeps what it holds in memory until it restarts.
+    Clear,
 }
 
 fn main() -> Result<()> {
@@ -49,6 +63,9 @@ fn main() -> Result<()> {
     let _flush_on_exit = init_logging();
     let overrides = Overrides { host: cli.host, port: cli.port, path: cli.path };
     let config = Config::load(cli.config.as_deref(), &overrides)?;
+    if let Some(Command::Cache { action }) = cli.command {
+        return cache_command(&config, action);
+    }
     let (users, generated) = build_users(&config)?;
     if let Some(admin) = generated {
         // Printed once, to stderr, outside the log (logs never carry secrets).
@@ -69,5 +86,36 @@ fn main() -> Result<()> {
     // GIL, which no actix or tokio thread may hold.
     tracing::info!("stopped accepting calls; shutting the executor down");
     executor.close();
+    Ok(())
+}
+
+/// `ksrpc-server cache stats|clear`.
+fn cache_command(config: &Config, action: CacheAction) -> Result<()> {
+    let Some(dir) = &config.cache.path else {
+        anyhow::bail!("the configuration sets no [cache] path: the cache lives in the server's memory only");
+    };
+    let mut out = std::io::stdout().lock();
+    match action {
+        CacheAction::Stats => {
+            let scan = ksrpc_cache::disk::scan(dir).with_context(|| format!("reading {}", dir.display()))?;
+            let (n, bytes) = scan.entries();
+            let (expired, expired_bytes) = scan.expired(std::time::SystemTime::now());
+            writeln!(out, "directory: {}", dir.display())?;
+            writeln!(out, "enabled: {}", config.cache.enabled)?;
+            writeln!(out, "entries: {n} ({bytes} bytes of at most {})", config.cache.max_disk_bytes)?;
+            writeln!(out, "expired: {expired} ({expired_bytes} bytes; removed when next looked up or at start)")?;
+            writeln!(out, "damaged: {} (removed at start)", scan.bad.len())?;
+            writeln!(out, "unfinished writes: {} (removed at start)", scan.stale.len())?;
+            writeln!(out, "memory bound: {} bytes", config.cache.max_memory_bytes)?;
+            for line in &config.cache.ttl {
+                writeln!(out, "ttl: {line}")?;
+            }
+        }
+        CacheAction::Clear => {
+            let (files, bytes) =
+                ksrpc_cache::disk::clear(dir).with_context(|| format!("clearing {}", dir.display()))?;
+            writeln!(out, "removed {files} files ({bytes} bytes) from {}", dir.display())?;
+        }
+    }
     Ok(())
 }

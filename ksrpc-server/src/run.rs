@@ -165,6 +165,7 @@ fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<
         budget: config.budget(),
         body_idle: Duration::from_secs_f64(config.limits.body_idle_timeout.min(1e9)),
         send_timeout: Duration::from_secs_f64(config.limits.send_timeout.min(1e9)),
+        cache: config.cache()?,
     });
     let app_path = path;
     let mut server = HttpServer::new(move || {

@@ -10,6 +10,7 @@
 //! arrives); the reply is encoded slice by slice on the rayon pool and
 //! streamed out with chunked transfer encoding, which the 0.8.1 client needs.
 
+pub mod cached;
 mod error;
 mod reply;
 
@@ -31,7 +32,7 @@ use ksrpc_core::{CompatReply, CompatRequest, Executor, NativeRequest};
 use tokio::sync::oneshot;
 
 pub use error::TransportError;
-pub use reply::{log_call, stream_reply, SEND_TIMEOUT};
+pub use reply::{cached_reply, log_call, stream_reply, SEND_TIMEOUT};
 
 /// What every route needs; registered once as `web::Data<HttpState>`.
 #[derive(Clone)]
@@ -55,6 +56,8 @@ pub struct HttpState {
     /// A reply piece a client does not take for this long drops the client
     /// (it stopped reading); see [`SEND_TIMEOUT`] for the default.
     pub send_timeout: Duration,
+    /// The result cache, when `[cache] enabled` (see [`cached`]).
+    pub cache: Option<Arc<ksrpc_cache::ResultCache>>,
 }
 
 /// Native HTTP calls in flight by (user, request id), so that a `Cancel`
@@ -356,6 +359,10 @@ async fn chunk(
     let user = user_of(&req)?;
     let mut held = state.budget.reservation(&user.name);
     let (payload, bytes_in) = read_body(&mut body, &state, &mut held).await?;
+    let fill = match cached::compat_begin(&state, &user, &payload).await {
+        cached::CompatStart::Hit(entry) => return Ok(cached_reply(entry, &user.name, bytes_in, started)),
+        cached::CompatStart::Run(fill) => fill,
+    };
     // The payload stays charged while the call runs (it is in Python's hands).
     held.resize(payload.len() as u64)?;
     let reply =
@@ -370,7 +377,8 @@ async fn chunk(
         )?;
     // Then the reply, until its last byte is sent.
     let reply = admit_compat_reply(reply, &mut held, &user.name);
-    Ok(stream_reply(&state.codec, reply, user.name.clone(), bytes_in, started, held, state.send_timeout))
+    let cache = cached::compat_after(&state, fill, &reply);
+    Ok(stream_reply(&state.codec, reply, user.name.clone(), bytes_in, started, held, state.send_timeout, cache))
 }
 
 /// The media type of native-protocol bodies (zstd-compressed postcard).
@@ -429,7 +437,7 @@ pub fn admit_compat_reply(reply: CompatReply, held: &mut Reservation, user: &str
                 "",
                 &ksrpc_core::compat::utc_now_iso(),
             );
-            CompatReply { status: 500, body: body.into(), summary: reply.summary }
+            CompatReply { status: 500, body: body.into(), summary: reply.summary, cache_chain: None }
         }
     }
 }
@@ -536,6 +544,24 @@ async fn v2_call(
     if id != 0 && registered.is_none() {
         return Ok(refuse(format!("request id {id} is already in flight for this user")));
     }
+    let (mark, store) = match cached::native_begin(&state, &user, &chain).await {
+        cached::NativeStart::Hit(entry) => {
+            held.force(0);
+            let body = cached::native_hit(id, entry).await?;
+            log_native(
+                &user.name,
+                &summary,
+                200,
+                cached::CacheMark::Hit,
+                bytes_in,
+                body.len() as u64,
+                started,
+                "native call",
+            );
+            return Ok(native_response(actix_web::http::StatusCode::OK, body));
+        }
+        cached::NativeStart::Run(mark, store) => (mark, store),
+    };
     let call = state.executor.call_native(NativeRequest { user: user.clone(), chain });
     let outcome = match registered {
         None => call.await?,
@@ -563,18 +589,35 @@ async fn v2_call(
         }
     };
     let ok = !matches!(outcome, native::Outcome::Err(_));
-    let body = encode_server_message(ServerMessage::Reply { id, outcome }).await?;
+    let mark = if ok { mark } else { cached::CacheMark::Skip };
+    let body = cached::native_reply(&state, id, outcome, store, &summary).await?;
     let bytes_out = body.len() as u64;
     // Held until actix has taken the whole body.
     let response = native_response_held(body, held, state.send_timeout);
+    log_native(&user.name, &summary, if ok { 200 } else { 500 }, mark, bytes_in, bytes_out, started, "native call");
+    Ok(response)
+}
+
+/// The per-call log line of the native protocol (`what` names the transport).
+#[allow(clippy::too_many_arguments)]
+pub fn log_native(
+    user: &str,
+    summary: &str,
+    status: u16,
+    cache: cached::CacheMark,
+    bytes_in: u64,
+    bytes_out: u64,
+    started: Instant,
+    what: &'static str,
+) {
     tracing::info!(
-        user = %user.name,
+        user,
         chain = %summary,
-        status = if ok { 200 } else { 500 },
+        status,
+        cache = %cache,
         bytes_in,
         bytes_out,
         ms = started.elapsed().as_millis() as u64,
-        "native call"
+        "{what}"
     );
-    Ok(response)
 }

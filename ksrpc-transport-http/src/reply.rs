@@ -10,6 +10,8 @@ use futures_util::stream;
 use ksrpc_core::codec::{ChunkedZlib, Codec, Flow};
 use ksrpc_core::{CompatReply, Reservation};
 
+use crate::cached::{CacheMark, Store};
+
 /// Encoded pieces buffered between the encoder and the socket; with the
 /// rayon window this bounds the memory of one reply to the payload plus a
 /// few compressed slices.
@@ -23,12 +25,21 @@ static REPLY_NUMBER: AtomicU64 = AtomicU64::new(1);
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One `tracing` line per call: user, chain (argument counts only), reply
-/// status, bytes in and out, milliseconds.
-pub fn log_call(user: &str, reply: &CompatReply, bytes_in: u64, bytes_out: u64, started: Instant) {
+/// status, the result cache's part, bytes in and out, milliseconds.
+pub fn log_call(
+    user: &str,
+    summary: &str,
+    status: u16,
+    cache: CacheMark,
+    bytes_in: u64,
+    bytes_out: u64,
+    started: Instant,
+) {
     tracing::info!(
         user,
-        chain = %reply.summary,
-        status = reply.status,
+        chain = %summary,
+        status,
+        cache = %cache,
         bytes_in,
         bytes_out,
         ms = started.elapsed().as_millis() as u64,
@@ -44,6 +55,10 @@ pub fn log_call(user: &str, reply: &CompatReply, bytes_in: u64, bytes_out: u64, 
 /// last piece is sent or the client goes away. An encoder whose piece is not
 /// taken for `send_timeout` (a client that stopped reading) gives up, so no
 /// blocking thread waits forever.
+///
+/// With a `store`, the encoded pieces are also kept for the result cache
+/// and stored once the whole reply is encoded.
+#[allow(clippy::too_many_arguments)]
 pub fn stream_reply(
     codec: &ChunkedZlib,
     reply: CompatReply,
@@ -52,22 +67,35 @@ pub fn stream_reply(
     started: Instant,
     held: Reservation,
     send_timeout: Duration,
+    (mark, mut store): (CacheMark, Option<Store>),
 ) -> HttpResponse {
-    let mut res = HttpResponse::Ok();
-    // The original's header, byte for byte in form: `<number>.pkl.chunked.zip`
-    // (aiohttp's `id(request)` there; a counter here), no `attachment;`.
-    let n = REPLY_NUMBER.fetch_add(1, Ordering::Relaxed);
-    res.content_type("application/octet-stream").insert_header(("Content-Disposition", format!("{n}.pkl.chunked.zip")));
+    let mut res = reply_head();
     if reply.body.len() <= codec.slice_size {
         let mut out = Vec::new();
         let r = codec.encode(&mut std::iter::once(reply.body.clone()), &mut |p| {
+            if let Some(s) = store.as_mut() {
+                s.push(&p);
+            }
             out.push(p);
             Flow::Continue(())
         });
-        if let Err(e) = r {
-            tracing::error!("encoding a reply: {e}");
+        match r {
+            Ok(()) => {
+                if let Some(s) = store {
+                    s.finish_async(reply.summary.clone());
+                }
+            }
+            Err(e) => tracing::error!("encoding a reply: {e}"),
         }
-        log_call(&user, &reply, bytes_in, out.iter().map(|p| p.len() as u64).sum(), started);
+        log_call(
+            &user,
+            &reply.summary,
+            reply.status,
+            mark,
+            bytes_in,
+            out.iter().map(|p| p.len() as u64).sum(),
+            started,
+        );
         drop(held);
         return res.streaming(stream::iter(out.into_iter().map(Ok::<Bytes, actix_web::Error>)));
     }
@@ -81,16 +109,24 @@ pub fn stream_reply(
         let mut bytes_out = 0u64;
         let r = codec.encode(&mut std::iter::once(reply.body.clone()), &mut |piece| {
             bytes_out += piece.len() as u64;
+            if let Some(s) = store.as_mut() {
+                s.push(&piece);
+            }
             match runtime.block_on(tokio::time::timeout(send_timeout, tx.send(piece))) {
                 Ok(Ok(())) => Flow::Continue(()),
                 Ok(Err(_)) | Err(_) => Flow::Break(()),
             }
         });
         match r {
-            Ok(()) => done.store(true, Ordering::Release),
+            Ok(()) => {
+                done.store(true, Ordering::Release);
+                if let Some(s) = store {
+                    s.finish(reply.summary.clone());
+                }
+            }
             Err(e) => tracing::warn!(user, "reply not fully sent: {e}"),
         }
-        log_call(&user, &reply, bytes_in, bytes_out, started);
+        log_call(&user, &reply.summary, reply.status, mark, bytes_in, bytes_out, started);
     });
     let body = stream::unfold(Some(rx), move |rx| {
         let complete = complete.clone();
@@ -109,4 +145,31 @@ pub fn stream_reply(
         }
     });
     res.streaming(body)
+}
+
+/// The response head every compat reply has: the original's
+/// `Content-Disposition`, byte for byte in form: `<number>.pkl.chunked.zip`
+/// (aiohttp's `id(request)` there; a counter here), no `attachment;`.
+fn reply_head() -> actix_web::HttpResponseBuilder {
+    let mut res = HttpResponse::Ok();
+    let n = REPLY_NUMBER.fetch_add(1, Ordering::Relaxed);
+    res.content_type("application/octet-stream").insert_header(("Content-Disposition", format!("{n}.pkl.chunked.zip")));
+    res
+}
+
+/// A cached reply (already in the HTTP form), sent in 256 KiB views of the
+/// entry: no Python, no encoding, no copy.
+pub fn cached_reply(
+    entry: std::sync::Arc<ksrpc_cache::Entry>,
+    user: &str,
+    bytes_in: u64,
+    started: Instant,
+) -> HttpResponse {
+    const PIECE: usize = 256 * 1024;
+    let body = entry.body.clone();
+    log_call(user, &entry.summary, 200, CacheMark::Hit, bytes_in, body.len() as u64, started);
+    let pieces = (0..body.len())
+        .step_by(PIECE)
+        .map(move |at| Ok::<Bytes, actix_web::Error>(body.slice(at..(at + PIECE).min(body.len()))));
+    reply_head().streaming(stream::iter(pieces.collect::<Vec<_>>()))
 }

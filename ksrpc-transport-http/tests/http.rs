@@ -33,7 +33,12 @@ impl Executor for Echo {
         }
         let mut body = req.payload.to_vec();
         body.reverse();
-        Ok(CompatReply { status: 200, body: body.into(), summary: format!("echo for {}", req.user.name) })
+        Ok(CompatReply {
+            status: 200,
+            body: body.into(),
+            summary: format!("echo for {}", req.user.name),
+            cache_chain: None,
+        })
     }
 
     async fn call_native(&self, req: NativeRequest) -> Result<Outcome, ExecError> {
@@ -54,6 +59,7 @@ fn state(limits: Limits) -> web::Data<HttpState> {
         budget: ksrpc_core::MemoryBudget::unlimited(),
         body_idle: std::time::Duration::from_secs(60),
         send_timeout: std::time::Duration::from_secs(300),
+        cache: None,
     })
 }
 

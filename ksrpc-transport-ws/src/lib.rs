@@ -16,8 +16,10 @@ use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReaso
 use bytes::Bytes;
 use futures_util::StreamExt;
 use ksrpc_core::auth::User;
-use ksrpc_core::codec::{CodecError, Flow, WsEvent, WsFrame};
+use ksrpc_core::codec::{Codec, CodecError, Flow, WsEvent, WsFrame, EOF};
+use ksrpc_core::ChunkedZlib;
 use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError};
+use ksrpc_transport_http::cached::{self, CacheMark, Store};
 use ksrpc_transport_http::{log_call, user_of, HttpState, TransportError};
 use std::sync::Arc;
 
@@ -153,6 +155,22 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
                 return;
             }
         };
+        let fill = match cached::compat_begin(&state, &user, &payload).await {
+            cached::CompatStart::Hit(entry) => {
+                held.force(0);
+                let mut sent = 0u64;
+                for frame in ChunkedZlib::ws_frames_of_http(&entry.body).into_iter().chain([WsFrame::Text(EOF)]) {
+                    match send_frame(&mut session, frame, state.send_timeout).await {
+                        Some(n) => sent += n,
+                        None => return,
+                    }
+                }
+                log_call(&user.name, &entry.summary, 200, CacheMark::Hit, bytes_in, sent, started);
+                bytes_in = 0;
+                continue;
+            }
+            cached::CompatStart::Run(fill) => fill,
+        };
         let request = CompatRequest { user: user.clone(), payload: payload.into() };
         // Keep reading while the call runs: a close or a vanished client
         // drops the call future, which cancels the call.
@@ -176,17 +194,18 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
             Ok(r) => r,
             Err(ExecError::BadRequest { message, reply, summary }) => {
                 tracing::warn!(user = %user.name, chain = %summary, "bad request: {message}");
-                CompatReply { status: 500, body: reply, summary }
+                CompatReply { status: 500, body: reply, summary, cache_chain: None }
             }
             Err(e) => {
                 let t: TransportError = e.into();
                 let body = compat::error_reply("", "RuntimeError", &t.to_string(), "", &compat::utc_now_iso());
-                CompatReply { status: 500, body: body.into(), summary: "<not run>".into() }
+                CompatReply { status: 500, body: body.into(), summary: "<not run>".into(), cache_chain: None }
             }
         };
         let reply = ksrpc_transport_http::admit_compat_reply(reply, &mut held, &user.name);
-        match send_reply(&state, &mut session, &reply).await {
-            Some(bytes_out) => log_call(&user.name, &reply, bytes_in, bytes_out, started),
+        let (mark, store) = cached::compat_after(&state, fill, &reply);
+        match send_reply(&state, &mut session, &reply, store).await {
+            Some(bytes_out) => log_call(&user.name, &reply.summary, reply.status, mark, bytes_in, bytes_out, started),
             None => return,
         }
         held.force(0);
@@ -197,10 +216,21 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
 /// Sends a reply as binary slices, text borders and `EOF`. Small replies are
 /// encoded inline; big ones on the blocking pool, in parallel, streamed.
 /// Returns the bytes sent, or `None` when the client went away.
-async fn send_reply(state: &HttpState, session: &mut Session, reply: &CompatReply) -> Option<u64> {
+///
+/// A reply the result cache keeps is encoded in the HTTP form (the one form
+/// the cache stores) and sent as the frames of that form.
+async fn send_reply(
+    state: &HttpState,
+    session: &mut Session,
+    reply: &CompatReply,
+    store: Option<Store>,
+) -> Option<u64> {
     let codec = state.codec.clone();
     let body: Bytes = reply.body.clone();
     let mut sent = 0u64;
+    if let Some(store) = store {
+        return send_and_store(state, session, reply, store).await;
+    }
     if body.len() <= codec.slice_size {
         let mut frames = Vec::with_capacity(3);
         if let Err(e) = codec.encode_ws(&mut std::iter::once(body), &mut |f| {
@@ -229,6 +259,51 @@ async fn send_reply(state: &HttpState, session: &mut Session, reply: &CompatRepl
         sent += send_frame(session, frame, state.send_timeout).await?;
     }
     Some(sent)
+}
+
+/// [`send_reply`] for a reply the cache keeps: HTTP-form pieces, encoded on
+/// the blocking pool, each kept and sent as its WebSocket frames; stored
+/// once all of it was encoded.
+async fn send_and_store(
+    state: &HttpState,
+    session: &mut Session,
+    reply: &CompatReply,
+    mut store: Store,
+) -> Option<u64> {
+    let codec = state.codec.clone();
+    let body = reply.body.clone();
+    let summary = reply.summary.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let job = tokio::task::spawn_blocking(move || {
+        let r = codec.encode(&mut std::iter::once(body), &mut |piece| {
+            store.push(&piece);
+            match tx.blocking_send(piece) {
+                Ok(()) => Flow::Continue(()),
+                Err(_) => Flow::Break(()),
+            }
+        });
+        match r {
+            Ok(()) => {
+                store.finish(summary);
+                true
+            }
+            Err(e) => {
+                tracing::debug!("websocket reply not fully sent: {e}");
+                false
+            }
+        }
+    });
+    let mut sent = 0u64;
+    while let Some(piece) = rx.recv().await {
+        for frame in ChunkedZlib::ws_frames_of_http(&piece) {
+            sent += send_frame(session, frame, state.send_timeout).await?;
+        }
+    }
+    // Only a reply encoded to its end gets its EOF (a cut one is never whole).
+    if !job.await.unwrap_or(false) {
+        return None;
+    }
+    Some(sent + send_frame(session, WsFrame::Text(EOF), state.send_timeout).await?)
 }
 
 /// Sends one frame; `None` when the client went away or did not take the

@@ -22,7 +22,8 @@ use ksrpc_core::mux::{self, Header, MuxError, Reassembler};
 use ksrpc_core::native::{self, ClientMessage, NativeError, Outcome, RemoteError, ServerMessage};
 use ksrpc_core::Reservation;
 use ksrpc_core::{ExecError, NativeRequest};
-use ksrpc_transport_http::{encode_server_message, user_of, HttpState};
+use ksrpc_transport_http::cached::{self, CacheMark};
+use ksrpc_transport_http::{log_native, user_of, HttpState};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::AbortHandle;
 
@@ -312,7 +313,7 @@ impl Socket {
             self.state.clone(),
             self.user.clone(),
             self.permits.clone(),
-            id,
+            (id, weight),
             chain,
             self.done_tx.clone(),
         ));
@@ -354,7 +355,7 @@ async fn run_call(
     state: Arc<HttpState>,
     user: Arc<User>,
     permits: Arc<Semaphore>,
-    id: u64,
+    (id, bytes_in): (u64, u64),
     chain: ksrpc_core::CallChain<native::Value>,
     done: mpsc::UnboundedSender<Finished>,
 ) {
@@ -364,32 +365,50 @@ async fn run_call(
     };
     let started = Instant::now();
     let summary = chain.summary().to_string();
+    let (mark, store) = match cached::native_begin(&state, &user, &chain).await {
+        cached::NativeStart::Hit(entry) => {
+            let reply = match cached::native_hit(id, entry).await {
+                Ok(bytes) => Bytes::from(bytes),
+                Err(e) => internal_error(id, e.to_string()),
+            };
+            log_native(
+                &user.name,
+                &summary,
+                200,
+                CacheMark::Hit,
+                bytes_in,
+                reply.len() as u64,
+                started,
+                "native ws call",
+            );
+            let _ = done.send((id, Some(reply)));
+            return;
+        }
+        cached::NativeStart::Run(mark, store) => (mark, store),
+    };
     let outcome = match state.executor.call_native(NativeRequest { user: user.clone(), chain }).await {
         Ok(outcome) => outcome,
         Err(e) => Outcome::Err(exec_error(&e)),
     };
     let status = if matches!(outcome, Outcome::Err(_)) { 500 } else { 200 };
+    let mark = if status == 200 { mark } else { CacheMark::Skip };
     if id == 0 {
         // CloseHandle: nobody waits for an answer.
         let _ = done.send((0, None));
         return;
     }
-    let reply = match encode_server_message(ServerMessage::Reply { id, outcome }).await {
+    let reply = match cached::native_reply(&state, id, outcome, store, &summary).await {
         Ok(bytes) => Bytes::from(bytes),
-        Err(e) => {
-            let error = RemoteError { kind: "InternalError".into(), message: e.to_string(), traceback: String::new() };
-            Bytes::from(native::encode_compressed(&ServerMessage::Reply { id, outcome: Outcome::Err(error) }))
-        }
+        Err(e) => internal_error(id, e.to_string()),
     };
-    tracing::info!(
-        user = %user.name,
-        chain = %summary,
-        status,
-        bytes_out = reply.len() as u64,
-        ms = started.elapsed().as_millis() as u64,
-        "native ws call"
-    );
+    log_native(&user.name, &summary, status, mark, bytes_in, reply.len() as u64, started, "native ws call");
     let _ = done.send((id, Some(reply)));
+}
+
+/// The reply to `id` when its encoding failed.
+fn internal_error(id: u64, message: String) -> Bytes {
+    let error = RemoteError { kind: "InternalError".into(), message, traceback: String::new() };
+    Bytes::from(native::encode_compressed(&ServerMessage::Reply { id, outcome: Outcome::Err(error) }))
 }
 
 /// A call that never ran, as the error its caller sees.

@@ -162,6 +162,11 @@ call_timeout = 60.0
 [python]
 {python_paths}threads = 8
 allow_code = true
+
+# test_cache.py: cache_probe counts its runs, so the suite sees hits on the server.
+[cache]
+enabled = true
+ttl = ["cache_probe.cached_* 600", "cache_probe.brief 1"]
 "#
     );
     std::fs::write(&file, text)?;

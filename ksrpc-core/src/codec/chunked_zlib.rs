@@ -121,6 +121,23 @@ impl ChunkedZlib {
         }
     }
 
+    /// The WebSocket frames of a body in the HTTP form (`z(s1) BORDER ...`,
+    /// as [`Codec::encode`] makes it, where no slice contains the border):
+    /// each slice as a binary frame (a view, not a copy) and a border text
+    /// frame. [`EOF`] is not included. The result cache keeps one form and
+    /// serves both transports from it.
+    pub fn ws_frames_of_http(body: &Bytes) -> Vec<WsFrame> {
+        let border = std::str::from_utf8(BORDER).expect("border is ASCII");
+        let mut frames = Vec::new();
+        let mut at = 0;
+        for end in memmem::find_iter(body, BORDER) {
+            frames.push(WsFrame::Binary(body.slice(at..end)));
+            frames.push(WsFrame::Text(border));
+            at = end + BORDER.len();
+        }
+        frames
+    }
+
     /// A WebSocket message-sequence decoder under `limits`.
     pub fn ws_decoder(&self, limits: Limits) -> WsDecoder {
         WsDecoder {

@@ -230,7 +230,8 @@ class ExecutorTest(unittest.TestCase):
     def send(self, payload, rules=FULL, user="alice", ex=None, call_id=None):
         result = (ex or self.ex).handle(call_id or next(self._ids), user, rules, payload)
         self.assertIsInstance(result, tuple)
-        status, bad, reply, summary = result
+        status, bad, reply, summary, cache_chain = result
+        self.assertTrue(cache_chain is None or (status == 200 and isinstance(cache_chain, str)))
         d = (dill.loads if dill is not None else pickle.loads)(reply)
         self.assertEqual(d["status"], status)
         self.assertEqual(set(d), {"status", "datetime", "module", "calls", "ref_id", "type", "data", "traceback"})
@@ -279,6 +280,23 @@ class ChainTest(ExecutorTest):
         self.assertEqual((status, bad, d["data"], d["type"], d["calls"], d["ref_id"]), (200, None, 3, "int", [], 0))
         self.assertEqual(summary, "ksrpc.server.demo.add(2 args)")
         datetime.datetime.fromisoformat(d["datetime"])
+
+    def test_cache_chain_names_plain_results_only(self):
+        """The result cache keys its ttl patterns on this: a plain result gives the dotted chain;
+        an error, a generator, a generator step and a chain passed as an argument give None."""
+        def chain_of(payload, rules=LIMITED):
+            return self.ex.handle(next(self._ids), "alice", rules, payload)[4]
+        self.assertEqual(chain_of(request(DEMO, call("add", 1, 2))), DEMO + ".add")
+        self.assertEqual(chain_of(request(DEMO, attr("point"), call("__format__", "p")), FULL),
+                         DEMO + ".point.__format__")
+        self.assertIsNone(chain_of(request(DEMO, call("div", 1, 0))))
+        self.assertIsNone(chain_of(request(DEMO, call("sync_counter"))))
+        ref_id, calls = self.start(DEMO, "sync_counter")
+        self.assertIsNone(chain_of(request(DEMO, *calls, call("__anext__"), ref_id=ref_id)))
+        inner = RpcClient(DEMO, calls=[call("add", 1, 2)])
+        self.assertIsNone(chain_of(request(DEMO, call("add", inner, 1))))
+        self.assertIsNone(chain_of(request(DEMO, call("add", 1, b=inner))))
+        self.assertIsNone(chain_of(request("os", attr("sep"))), "refused by the rules")
 
     def test_summary_has_counts_not_values(self):
         payload = request(DEMO, call("add", "secret-password", "x"))
@@ -786,7 +804,7 @@ class ThreadTest(ExecutorTest):
         BARRIER.reset()
         results = self.run_in_threads(
             lambda i: self.ex.handle(1000 + i, "alice", HELPERS, request(MOD, call("meet_at_barrier"))), 3)
-        for status, bad, reply, _ in results:
+        for status, bad, reply, _, _ in results:
             self.assertEqual((status, bad), (200, None), pickle.loads(reply).get("traceback"))
         self.assertEqual(sorted(pickle.loads(r[2])["data"] for r in results), [0, 1, 2])
 
@@ -845,7 +863,7 @@ class BuildRulesTest(ExecutorTest):
     def both(self, payload, rules):
         out = []
         for fast in (False, True):
-            status, bad, reply, _ = self.ex.handle(next(self._ids), "alice", rules, payload, fast)
+            status, bad, reply, _, _ = self.ex.handle(next(self._ids), "alice", rules, payload, fast)
             out.append((fast, status, bad, (dill.loads if dill is not None else pickle.loads)(reply)["data"]))
         return out
 
@@ -862,7 +880,7 @@ class BuildRulesTest(ExecutorTest):
                 payload = (dill if use_dill else pickle).dumps(
                     dict(module=MOD, calls=[call("identity", value)], ref_id=0), protocol=proto)
                 for fast in (False, True) if proto >= 3 else (False,):  # the Rust scan sends protocol 3+ only
-                    status, bad, reply, _ = self.ex.handle(next(self._ids), "alice", rules, payload, fast)
+                    status, bad, reply, _, _ = self.ex.handle(next(self._ids), "alice", rules, payload, fast)
                     got = (dill.loads if dill is not None else pickle.loads)(reply)["data"]
                     self.assertEqual((status, bad), (200, None), f"dill={use_dill} protocol={proto} fast={fast}: {got}")
                     yield got
@@ -1082,7 +1100,7 @@ class FastPathTest(ExecutorTest):
     server's Rust scan cleared; the find_class allow-list must hold there too."""
 
     def fast(self, payload, rules=FULL):
-        status, bad, reply, summary = self.ex.handle(next(self._ids), "alice", rules, payload, True)
+        status, bad, reply, summary, _ = self.ex.handle(next(self._ids), "alice", rules, payload, True)
         return status, bad, (dill.loads if dill is not None else pickle.loads)(reply), summary
 
     def test_a_plain_call_gives_the_same_reply(self):
