@@ -6,6 +6,7 @@ use std::process::Command;
 /// (crate, dependencies it must not have, directly or transitively).
 const FORBIDDEN: &[(&str, &[&str])] = &[
     ("ksrpc-core", &["actix-web", "actix-http", "actix-ws", "pyo3", "tokio", "reqwest"]),
+    ("ksrpc-cache", &["actix-web", "actix-http", "actix-ws", "pyo3", "reqwest"]),
     ("ksrpc-transport-http", &["pyo3"]),
     ("ksrpc-transport-ws", &["pyo3"]),
     ("ksrpc-py", &["actix-web", "actix-http", "actix-ws"]),

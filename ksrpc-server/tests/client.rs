@@ -92,6 +92,11 @@ threads = {threads}
         }
     }
 
+    /// The config file the server was started with.
+    fn config(&self) -> std::path::PathBuf {
+        self._dir.path().join("server.toml")
+    }
+
     async fn client(&self, transport: Transport, (user, password): (&str, &str)) -> Client {
         Client::builder(self.url(transport)).credentials(user, password).connect().await.unwrap()
     }
@@ -1242,4 +1247,94 @@ async fn request_bodies_are_decoded_off_the_connection_workers() {
         let worker = thread.starts_with("actix-rt|") || thread == "ksrpc-http";
         assert!(!worker, "{bytes} bytes decoded on the connection worker {thread:?}");
     }
+}
+
+/// The result cache on the native protocol, as a deployment sees it: hits
+/// served without running the call (counted on the server), shared by users
+/// with the same rules and never given to a user the rules refuse, one run
+/// for concurrent identical calls, tables through the cache, entries that
+/// survive a `kill -9` and restart, damaged files dropped, and
+/// `ksrpc-server cache stats|clear`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_result_cache_serves_hits_without_the_call_and_survives_a_restart() {
+    const TWIN: (&str, &str) = ("twin", "twin-pw");
+    let cache_dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[users.twin]\npassword = \"{}\"\nrules = [\"allow *\"]\n[cache]\nenabled = true\npath = {:?}\n\
+         ttl = [\"cache_probe.cached_* 600\", \"cache_probe.brief 1\"]\n",
+        TWIN.1,
+        cache_dir.path()
+    );
+    let server = Server::start_with(8, &extra);
+    let runs = |client: &Client, tag: &str| {
+        let probe = client.module("cache_probe");
+        let tag = tag.to_owned();
+        async move { probe.call("runs", (tag,)).collect::<u64>().await.unwrap() }
+    };
+    for transport in BOTH {
+        let tag = format!("{transport:?}");
+        let admin = server.client(transport, ADMIN).await;
+        let probe = admin.module("cache_probe");
+        for _ in 0..3 {
+            let sq: i64 = probe.clone().call("cached_square", (tag.as_str(), 7)).collect().await.unwrap();
+            assert_eq!(sq, 49);
+        }
+        assert_eq!(runs(&admin, &tag).await, 1, "{transport:?}: hits do not run the call");
+        // Same rules, another user: the same entry.
+        let twin = server.client(transport, TWIN).await;
+        let sq: i64 = twin.module("cache_probe").call("cached_square", (tag.as_str(), 7)).collect().await.unwrap();
+        assert_eq!((sq, runs(&admin, &tag).await), (49, 1));
+        // Rules that refuse the call: refused, never the cached answer.
+        let limited = server.client(transport, LIMITED).await;
+        let err = limited.module("cache_probe").call("cached_square", (tag.as_str(), 7)).await.unwrap_err();
+        assert_eq!(err.remote().map(|r| r.kind.as_str()), Some("PermissionError"), "{err}");
+        assert_eq!(runs(&admin, &tag).await, 1);
+        // A table through the cache: the same record batches.
+        let frame = format!("{tag}-frame");
+        let first = probe.clone().call("cached_frame", (frame.as_str(), 20_000)).record_batches().await.unwrap();
+        let again = probe.clone().call("cached_frame", (frame.as_str(), 20_000)).record_batches().await.unwrap();
+        assert_eq!(first, again);
+        assert_eq!(runs(&admin, &frame).await, 1);
+    }
+    // Concurrent identical calls on one socket: one run.
+    let ws = server.client(Transport::WebSocket, ADMIN).await;
+    let calls = (0..8).map(|_| ws.module("cache_probe").call("cached_square", ("flight", 3, 0.5)).collect::<i64>());
+    let got = futures_util::future::try_join_all(calls).await.unwrap();
+    assert_eq!((got, runs(&ws, "flight").await), (vec![9; 8], 1));
+
+    // kill -9, restart on the same directory: served from disk (the fresh
+    // interpreter has counted nothing).
+    drop((ws, server));
+    let server = Server::start_with(8, &extra);
+    let admin = server.client(Transport::Http, ADMIN).await;
+    let sq: i64 = admin.module("cache_probe").call("cached_square", ("Http", 7)).collect().await.unwrap();
+    assert_eq!((sq, runs(&admin, "Http").await), (49, 0), "served from the disk tier");
+
+    // The CLI reads the same directory.
+    let stats = cli_in(&server, "stats");
+    assert!(stats.contains("entries: 5 ") && stats.contains("damaged: 0"), "{stats}");
+
+    // Damaged entries (truncated, garbage) are dropped, never served: the call runs.
+    drop((admin, server));
+    for (i, file) in std::fs::read_dir(cache_dir.path()).unwrap().enumerate() {
+        let path = file.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, if i % 2 == 0 { &bytes[..bytes.len() / 2] } else { &b"\x80\x04garbage"[..] }).unwrap();
+    }
+    let server = Server::start_with(8, &extra);
+    let admin = server.client(Transport::WebSocket, ADMIN).await;
+    for tag in ["Http", "WebSocket"] {
+        let sq: i64 = admin.module("cache_probe").call("cached_square", (tag, 7)).collect().await.unwrap();
+        assert_eq!((sq, runs(&admin, tag).await), (49, 1), "{tag}: a damaged entry is not served");
+    }
+    let cleared = cli_in(&server, "clear");
+    assert!(cleared.starts_with("removed "), "{cleared}");
+    assert!(cli_in(&server, "stats").contains("entries: 0 "));
+}
+
+/// `ksrpc-server cache <action>` with the server's config; its stdout.
+fn cli_in(server: &Server, action: &str) -> String {
+    let out = Command::new(BIN).arg("--config").arg(server.config()).args(["cache", action]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
 }

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -59,6 +60,26 @@ async def download_frame(conn, opts):
         assert len(df) == rows
         if i >= warmup:
             runs.append(dt)
+    return {"seconds": statistics.median(runs), "runs": runs}
+
+
+async def cached_frame(conn, opts):
+    """The result cache (both servers cache `bench_mod.cached_market_frame`): `hit` asks for
+    one entry again and again; a miss asks with a fresh salt each run, so the call runs and
+    its reply is stored. The frame itself is built once per size on the server (as in
+    `download_frame`), so a miss costs what a call costs beyond the function's own time."""
+    bench = RpcClient("bench_mod", conn)
+    rows = opts.get("rows", 1_000_000)
+    await bench.market_frame(1000)  # warm-up: imports pandas on the server
+    await bench.market_frame(rows)  # builds the frame once: not part of a miss
+    salt = f"{os.getpid()}-{time.time_ns()}"
+    if opts["hit"]:
+        assert len(await bench.cached_market_frame(rows, salt)) == rows  # fills the entry
+    runs = []
+    for i in range(opts.get("repeat", 1)):
+        dt, df = await timed(bench.cached_market_frame(rows, salt if opts["hit"] else f"{salt}-{i}"))
+        assert len(df) == rows
+        runs.append(dt)
     return {"seconds": statistics.median(runs), "runs": runs}
 
 
@@ -115,7 +136,7 @@ async def blocking(conn, opts):
     return {"gather_3x1s_seconds": dt, "add_during_block_ms": add_dt * 1000}
 
 
-WORKLOADS = {f.__name__: f for f in (download_array, download_frame, upload_array, small_calls, blocking)}
+WORKLOADS = {f.__name__: f for f in (download_array, download_frame, cached_frame, upload_array, small_calls, blocking)}
 
 
 async def main():

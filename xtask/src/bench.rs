@@ -65,7 +65,8 @@ fn start_original(env: &Env, venv_python: &Path, dir: &Path) -> Result<(Original
         format!(
             "PORT = {port}\nHOST = \"127.0.0.1\"\nPATH = \"/api/v1\"\nTIMESTAMP_CHECK = 30\n\
              USER_CREDENTIALS = {{\"{USER}\": \"{PASSWORD}\"}}\nUSER_RULES = {{\"{USER}\": {{\"*\": True}}}}\n\
-             CACHE_ENABLE = False\nCACHE_PATH = \"cache\"\nCACHE_TIMEOUT = {{\"*\": 600}}\n"
+             CACHE_ENABLE = True\nCACHE_PATH = \"orig-cache\"\n\
+             CACHE_TIMEOUT = {{\"bench_mod.cached_market_frame\": 600}}\n"
         ),
     )?;
     let log = std::fs::File::create(dir.join("original.log"))?;
@@ -106,7 +107,9 @@ fn our_config(env: &Env, dir: &Path, embedded: bool) -> Result<PathBuf> {
         &file,
         format!(
             "[server]\nhost = \"127.0.0.1\"\nport = 0\npath = \"/api/v1\"\ntimestamp_window = 30.0\n\n\
-             [users.{USER}]\npassword = \"{PASSWORD}\"\nrules = [\"allow *\"]\n\n{python}"
+             [users.{USER}]\npassword = \"{PASSWORD}\"\nrules = [\"allow *\"]\n\n\
+             [cache]\nenabled = true\npath = {cache:?}\nttl = [\"bench_mod.cached_market_frame 600\"]\n\n{python}",
+            cache = dir.join(if embedded { "ours-cache" } else { "wheel-cache" }),
         ),
     )?;
     Ok(file)
@@ -223,8 +226,8 @@ pub fn demo_request(env: &Env, call: &str) -> Result<Vec<u8>> {
 }
 
 /// Parses one complete chunked HTTP response at the start of `buf`:
-/// `Some((status, length))`, or `None` when more bytes are needed.
-fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>> {
+/// `Some((status, length, body))`, or `None` when more bytes are needed.
+fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize, Vec<u8>)>> {
     let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { return Ok(None) };
     let head = std::str::from_utf8(&buf[..head_end])?;
     let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("status line")?;
@@ -234,32 +237,51 @@ fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>> {
     });
     anyhow::ensure!(chunked, "reply is not chunked (status {status}): {head}");
     let mut at = head_end + 4;
+    let mut body = Vec::new();
     loop {
         let Some(eol) = buf[at..].windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
         let size = usize::from_str_radix(std::str::from_utf8(&buf[at..at + eol])?.trim(), 16)?;
-        at += eol + 2 + size + 2;
+        let data = at + eol + 2;
+        at = data + size + 2;
         if at > buf.len() {
             return Ok(None);
         }
         if size == 0 {
-            return Ok(Some((status, at)));
+            return Ok(Some((status, at, body)));
         }
+        body.extend_from_slice(&buf[data..data + size]);
     }
 }
 
-/// One keep-alive connection replaying `request` until `stop`; latencies in seconds.
-async fn connection(port: u16, head: String, body: Arc<Vec<u8>>, stop: Instant) -> Result<Vec<f64>> {
+/// Whether a compat reply body is `add(1, 2)`'s answer: it decodes (the
+/// 0.8.1 framing), and the reply pickle holds `status` 200 and `data` 3. A
+/// 0.8.1 error reply is HTTP 200 too, with `status` 500 inside: not a success.
+fn is_add_result(body: &[u8]) -> bool {
+    use memchr::memmem;
+    let Ok(pickle) = ksrpc_core::codec::decode_all(&ChunkedZlib::default(), body, ksrpc_core::Limits::UNLIMITED) else {
+        return false;
+    };
+    // protocol >= 4 dict keys: SHORT_BINUNICODE, MEMOIZE, then BININT1.
+    memmem::find(&pickle, b"\x8c\x06status\x94K\xc8").is_some()
+        && memmem::find(&pickle, b"\x8c\x04data\x94K\x03").is_some()
+}
+
+/// One keep-alive connection replaying `request` until `stop`: the
+/// latencies in seconds of the replies that were the right result, and how
+/// many were not.
+async fn connection(port: u16, head: String, body: Arc<Vec<u8>>, stop: Instant) -> Result<(Vec<f64>, u64)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     stream.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut lat = Vec::new();
+    let mut wrong = 0;
     while Instant::now() < stop {
         let ts = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
         let request = [head.replace("{ts}", &ts.to_string()).as_bytes(), &body, b"\r\n0\r\n\r\n"].concat();
         let t = Instant::now();
         stream.write_all(&request).await?;
-        let (status, len) = loop {
+        let (status, len, reply) = loop {
             if let Some(done) = parse_response(&buf)? {
                 break done;
             }
@@ -269,9 +291,13 @@ async fn connection(port: u16, head: String, body: Arc<Vec<u8>>, stop: Instant) 
         };
         buf.drain(..len);
         anyhow::ensure!(status == 200, "status {status}");
-        lat.push(t.elapsed().as_secs_f64());
+        if is_add_result(&reply) {
+            lat.push(t.elapsed().as_secs_f64());
+        } else {
+            wrong += 1;
+        }
     }
-    Ok(lat)
+    Ok((lat, wrong))
 }
 
 /// The small-call load generator: `conns` keep-alive connections replaying
@@ -291,17 +317,21 @@ fn load(url: &str, body: &[u8], conns: usize, seconds: u64) -> Result<Value> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let started = Instant::now();
     let stop = started + Duration::from_secs(seconds);
-    let mut lat: Vec<f64> = rt.block_on(async {
+    let (mut lat, wrong): (Vec<f64>, u64) = rt.block_on(async {
         let tasks: Vec<_> =
             (0..conns).map(|_| tokio::spawn(connection(port, head.clone(), body.clone(), stop))).collect();
-        let mut all = Vec::new();
+        let (mut all, mut wrong) = (Vec::new(), 0);
         for t in tasks {
-            all.extend(t.await??);
+            let (lat, w) = t.await??;
+            all.extend(lat);
+            wrong += w;
         }
-        Ok::<_, anyhow::Error>(all)
+        Ok::<_, anyhow::Error>((all, wrong))
     })?;
     let elapsed = started.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
+    // Throughput counts right answers only; any wrong one fails the row.
+    anyhow::ensure!(wrong == 0, "{wrong} replies were not add(1, 2) == 3 (an error reply inside HTTP 200?)");
     anyhow::ensure!(!lat.is_empty(), "no call completed");
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] * 1000.0;
     Ok(json!({"rps": lat.len() as f64 / elapsed, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "calls": lat.len()}))
@@ -443,6 +473,10 @@ pub fn run(args: &[String]) -> Result<()> {
     anyhow::ensure!(status.success(), "building the server failed");
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
+    // Every run starts with empty result caches (misses must be misses).
+    for cache in ["orig-cache", "ours-cache", "wheel-cache"] {
+        let _ = std::fs::remove_dir_all(dir.join(cache));
+    }
     let ours_server = Server::start(
         &env.target_dir.join("release/ksrpc-server"),
         &our_config(&env, &dir, true)?,
@@ -484,6 +518,17 @@ pub fn run(args: &[String]) -> Result<()> {
             let v = client(&env, "download_frame", &t.url, &opts)?;
             Ok((v["seconds"].as_f64().unwrap_or(f64::NAN), v))
         })?;
+    }
+    // The result cache, same config on both: `bench_mod.cached_market_frame`
+    // cached for 600 s (the original on disk, ours in memory and on disk).
+    for (what, hit) in [("miss (computed and stored)", false), ("hit", true)] {
+        for transport in ["http", "ws"] {
+            let opts = json!({"transport": transport, "rows": rows_n, "repeat": plan.repeat, "hit": hit});
+            both(format!("(h) result cache, {rows_n}-row DataFrame, {what}, {transport}"), "s", false, &mut |t| {
+                let v = client(&env, "cached_frame", &t.url, &opts)?;
+                Ok((v["seconds"].as_f64().unwrap_or(f64::NAN), v))
+            })?;
+        }
     }
     both(format!("(b) bytes on the wire, {rows_n}-row DataFrame"), "MiB", false, &mut |t| {
         let proxy = CountingProxy::start(port_of(&t.url))?;

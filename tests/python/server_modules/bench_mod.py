@@ -32,6 +32,12 @@ def barrier_wait(parties=3, timeout=5.0):
     return True
 
 
+def cached_market_frame(rows, salt):
+    """`market_frame(rows)` under a name the bench's result caches match; `salt` makes a
+    fresh request (a miss) when it changes."""
+    return market_frame(rows)
+
+
 def market_frame(rows=1_000_000, seed=42):
     """A realistic daily market-data frame: date, 6-character code,
     open/high/low/close with 2 decimals, int64 volume. Built once per size
