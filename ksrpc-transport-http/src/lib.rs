@@ -548,7 +548,8 @@ async fn v2_call(
         cached::NativeStart::Hit(entry) => {
             held.force(0);
             let body = cached::native_hit(id, entry).await?;
-            log_native(
+            log_call(
+                "native call",
                 &user.name,
                 &summary,
                 200,
@@ -556,7 +557,6 @@ async fn v2_call(
                 bytes_in,
                 body.len() as u64,
                 started,
-                "native call",
             );
             return Ok(native_response(actix_web::http::StatusCode::OK, body));
         }
@@ -594,30 +594,6 @@ async fn v2_call(
     let bytes_out = body.len() as u64;
     // Held until actix has taken the whole body.
     let response = native_response_held(body, held, state.send_timeout);
-    log_native(&user.name, &summary, if ok { 200 } else { 500 }, mark, bytes_in, bytes_out, started, "native call");
+    log_call("native call", &user.name, &summary, if ok { 200 } else { 500 }, mark, bytes_in, bytes_out, started);
     Ok(response)
-}
-
-/// The per-call log line of the native protocol (`what` names the transport).
-#[allow(clippy::too_many_arguments)]
-pub fn log_native(
-    user: &str,
-    summary: &str,
-    status: u16,
-    cache: cached::CacheMark,
-    bytes_in: u64,
-    bytes_out: u64,
-    started: Instant,
-    what: &'static str,
-) {
-    tracing::info!(
-        user,
-        chain = %summary,
-        status,
-        cache = %cache,
-        bytes_in,
-        bytes_out,
-        ms = started.elapsed().as_millis() as u64,
-        "{what}"
-    );
 }

@@ -24,9 +24,13 @@ static REPLY_NUMBER: AtomicU64 = AtomicU64::new(1);
 /// unless `limits.send_timeout` says otherwise.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// One `tracing` line per call: user, chain (argument counts only), reply
-/// status, the result cache's part, bytes in and out, milliseconds.
+/// The one per-call log line of every protocol and transport: `what` names
+/// the protocol (`call`: 0.8.1, `native call`, `native ws call`), then user,
+/// chain (argument counts only), reply status, the result cache's part,
+/// bytes in and out, milliseconds.
+#[allow(clippy::too_many_arguments)]
 pub fn log_call(
+    what: &'static str,
     user: &str,
     summary: &str,
     status: u16,
@@ -43,7 +47,7 @@ pub fn log_call(
         bytes_in,
         bytes_out,
         ms = started.elapsed().as_millis() as u64,
-        "call"
+        "{what}"
     );
 }
 
@@ -88,6 +92,7 @@ pub fn stream_reply(
             Err(e) => tracing::error!("encoding a reply: {e}"),
         }
         log_call(
+            "call",
             &user,
             &reply.summary,
             reply.status,
@@ -126,7 +131,7 @@ pub fn stream_reply(
             }
             Err(e) => tracing::warn!(user, "reply not fully sent: {e}"),
         }
-        log_call(&user, &reply.summary, reply.status, mark, bytes_in, bytes_out, started);
+        log_call("call", &user, &reply.summary, reply.status, mark, bytes_in, bytes_out, started);
     });
     let body = stream::unfold(Some(rx), move |rx| {
         let complete = complete.clone();
@@ -167,7 +172,7 @@ pub fn cached_reply(
 ) -> HttpResponse {
     const PIECE: usize = 256 * 1024;
     let body = entry.body.clone();
-    log_call(user, &entry.summary, 200, CacheMark::Hit, bytes_in, body.len() as u64, started);
+    log_call("call", user, &entry.summary, 200, CacheMark::Hit, bytes_in, body.len() as u64, started);
     let pieces = (0..body.len())
         .step_by(PIECE)
         .map(move |at| Ok::<Bytes, actix_web::Error>(body.slice(at..(at + PIECE).min(body.len()))));

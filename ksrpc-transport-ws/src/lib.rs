@@ -23,8 +23,9 @@ use ksrpc_transport_http::cached::{self, CacheMark, Store};
 use ksrpc_transport_http::{log_call, user_of, HttpState, TransportError};
 use std::sync::Arc;
 
-/// A request that stops half-way is dropped after this long without a message.
-const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
+/// A request (or, on `/v2/ws`, a message) that stops half-way is dropped
+/// after this long without a message.
+pub(crate) const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
 
 /// A slice up to this many encoded bytes is inflated on the async worker;
 /// a bigger one on the blocking pool.
@@ -165,7 +166,7 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
                         None => return,
                     }
                 }
-                log_call(&user.name, &entry.summary, 200, CacheMark::Hit, bytes_in, sent, started);
+                log_call("call", &user.name, &entry.summary, 200, CacheMark::Hit, bytes_in, sent, started);
                 bytes_in = 0;
                 continue;
             }
@@ -205,7 +206,9 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
         let reply = ksrpc_transport_http::admit_compat_reply(reply, &mut held, &user.name);
         let (mark, store) = cached::compat_after(&state, fill, &reply);
         match send_reply(&state, &mut session, &reply, store).await {
-            Some(bytes_out) => log_call(&user.name, &reply.summary, reply.status, mark, bytes_in, bytes_out, started),
+            Some(bytes_out) => {
+                log_call("call", &user.name, &reply.summary, reply.status, mark, bytes_in, bytes_out, started)
+            }
             None => return,
         }
         held.force(0);

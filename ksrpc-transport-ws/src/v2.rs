@@ -23,18 +23,15 @@ use ksrpc_core::native::{self, ClientMessage, NativeError, Outcome, RemoteError,
 use ksrpc_core::Reservation;
 use ksrpc_core::{ExecError, NativeRequest};
 use ksrpc_transport_http::cached::{self, CacheMark};
-use ksrpc_transport_http::{log_native, user_of, HttpState};
+use ksrpc_transport_http::{log_call, user_of, HttpState};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::AbortHandle;
 
-use crate::close_reason;
+use crate::{close_reason, HALF_SENT_IDLE};
 
 /// Calls of one socket that run at once; more wait in line (not refused:
 /// a client may well put a hundred small calls in flight).
 pub const CALLS_PER_SOCKET: usize = 32;
-
-/// A message left half-sent is dropped after this long without a frame.
-const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
 
 /// How often a socket waiting for memory budget looks again.
 const BUDGET_RETRY: Duration = Duration::from_millis(50);
@@ -371,7 +368,8 @@ async fn run_call(
                 Ok(bytes) => Bytes::from(bytes),
                 Err(e) => internal_error(id, e.to_string()),
             };
-            log_native(
+            log_call(
+                "native ws call",
                 &user.name,
                 &summary,
                 200,
@@ -379,7 +377,6 @@ async fn run_call(
                 bytes_in,
                 reply.len() as u64,
                 started,
-                "native ws call",
             );
             let _ = done.send((id, Some(reply)));
             return;
@@ -401,7 +398,7 @@ async fn run_call(
         Ok(bytes) => Bytes::from(bytes),
         Err(e) => internal_error(id, e.to_string()),
     };
-    log_native(&user.name, &summary, status, mark, bytes_in, reply.len() as u64, started, "native ws call");
+    log_call("native ws call", &user.name, &summary, status, mark, bytes_in, reply.len() as u64, started);
     let _ = done.send((id, Some(reply)));
 }
 
