@@ -35,6 +35,18 @@ struct Plan {
     seconds: u64,
 }
 
+impl Plan {
+    const FULL: Plan = Plan { mb: 100, rows: 1_000_000, repeat: 3, seconds: 10 };
+    const QUICK: Plan = Plan { mb: 10, rows: 100_000, repeat: 1, seconds: 2 };
+}
+
+fn build_release(env: &Env) -> Result<()> {
+    eprintln!("==> building our server (release)");
+    let status = env.cargo().args(["build", "--release", "-p", "ksrpc-server"]).status()?;
+    anyhow::ensure!(status.success(), "building the server failed");
+    Ok(())
+}
+
 /// A server under test: its base URL and process id (for RSS).
 struct Target {
     url: String,
@@ -133,6 +145,85 @@ fn client(env: &Env, workload: &str, url: &str, opts: &Value) -> Result<Value> {
     serde_json::from_str(last).with_context(|| format!("bad JSON: {last}"))
 }
 
+const FLOOR_HEADER: &str = "\nThe 0.8.1 client's floor: the same downloads from a replay server that answers \
+with reply bytes recorded before the clock starts (`xtask/src/floor.rs`), and the function's own time in \
+the server's Python; a ratio of 1.00 means our server adds nothing to what the 0.8.1 client and the \
+function cost\n\n";
+
+/// The function's own time (median of three after a warm-up) in the
+/// server's Python: `demo.create_1d_array(mb)` and `bench_mod.market_frame(rows)`.
+fn function_seconds(env: &Env, plan: &Plan) -> Result<(f64, f64)> {
+    let code = format!(
+        "import contextlib, importlib, io, json, statistics, time\n\
+         demo = importlib.import_module('ksrpc.server.demo')\n\
+         import bench_mod\n\
+         def median(f, *a):\n    ts = []\n    for _ in range(4):\n        t = time.perf_counter(); f(*a); ts.append(time.perf_counter() - t)\n    return statistics.median(ts[1:])\n\
+         with contextlib.redirect_stdout(io.StringIO()):\n    r = [median(demo.create_1d_array, {}), median(bench_mod.market_frame, {})]\n\
+         print(json.dumps(r))\n",
+        plan.mb, plan.rows
+    );
+    let path = std::env::join_paths([root().join("ksrpc-py/python"), root().join("tests/python/server_modules")])?;
+    let out = Command::new(env.server_venv.join("bin/python"))
+        .args(["-c", &code])
+        .env("PYTHONPATH", path)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stderr(Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "timing the functions failed");
+    let v: Vec<f64> = serde_json::from_slice(&out.stdout)?;
+    Ok((v[0], v[1]))
+}
+
+/// The floor table: (a) and (b) against our server and against the replay
+/// server in front of it (`crate::floor`), back to back, plus the function's
+/// own time; each row is ours / (floor + function).
+fn floor_table(env: &Env, ours_url: &str, plan: &Plan) -> Result<(String, Value)> {
+    eprintln!("==> the 0.8.1 client's floor");
+    let floor = crate::floor::Floor::start(ours_url)?;
+    let (array_fn, frame_fn) = function_seconds(env, plan)?;
+    let mut table = String::from(
+        "| workload | ours | floor (replay) | function | ours / (floor + function) |\n\
+         | --- | ---: | ---: | ---: | ---: |\n",
+    );
+    let mut raw = Vec::new();
+    for transport in ["http", "ws"] {
+        let cases = [
+            (
+                format!("(a) download {} MB float64 array, {transport}", plan.mb),
+                "download_array",
+                json!({"transport": transport, "mb": plan.mb, "repeat": plan.repeat}),
+                array_fn,
+            ),
+            (
+                format!("(b) download {}-row market DataFrame, {transport}", plan.rows),
+                "download_frame",
+                json!({"transport": transport, "rows": plan.rows, "repeat": plan.repeat}),
+                frame_fn,
+            ),
+        ];
+        for (name, workload, opts, function) in cases {
+            let ours = client(env, workload, ours_url, &opts)?;
+            let (recorded, replayed) = floor.counts();
+            let replay = client(env, workload, &floor.url, &opts)?;
+            let (recorded2, replayed2) = floor.counts();
+            // Every timed call must have been a replay: the warm-up runs
+            // record (at most the frame's two distinct calls), the rest replay.
+            anyhow::ensure!(
+                recorded2 - recorded <= 2 && replayed2 - replayed >= plan.repeat,
+                "the floor server recorded {} and replayed {} calls: the timed runs were not replays",
+                recorded2 - recorded,
+                replayed2 - replayed
+            );
+            let (o, f) = (ours["seconds"].as_f64().unwrap_or(f64::NAN), replay["seconds"].as_f64().unwrap_or(f64::NAN));
+            eprintln!("    {name}: ours {o:.3} s, floor {f:.3} s, function {function:.3} s");
+            table
+                .push_str(&format!("| {name} | {o:.2} s | {f:.2} s | {function:.2} s | {:.2} |\n", o / (f + function)));
+            raw.push(json!({"name": name, "ours": ours, "floor": replay, "function_seconds": function}));
+        }
+    }
+    Ok((table, Value::Array(raw)))
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -227,7 +318,7 @@ pub fn demo_request(env: &Env, call: &str) -> Result<Vec<u8>> {
 
 /// Parses one complete chunked HTTP response at the start of `buf`:
 /// `Some((status, length, body))`, or `None` when more bytes are needed.
-fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize, Vec<u8>)>> {
+pub(crate) fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize, Vec<u8>)>> {
     let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { return Ok(None) };
     let head = std::str::from_utf8(&buf[..head_end])?;
     let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("status line")?;
@@ -458,19 +549,31 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         return Ok(());
     }
+    if args.first().map(String::as_str) == Some("floor") {
+        // `cargo xtask bench floor [--quick]`: only the floor table, against
+        // a fresh release server of ours.
+        let quick = args.iter().any(|a| a == "--quick");
+        let plan = if quick { Plan::QUICK } else { Plan::FULL };
+        let env = Env::prepare()?;
+        build_release(&env)?;
+        let dir = root().join("target/bench");
+        std::fs::create_dir_all(&dir)?;
+        let ours = Server::start(
+            &env.target_dir.join("release/ksrpc-server"),
+            &our_config(&env, &dir, true)?,
+            dir.join("ours.log"),
+        )?;
+        let (table, _) = floor_table(&env, &ours.url, &plan)?;
+        writeln!(std::io::stdout().lock(), "{FLOOR_HEADER}{table}")?;
+        return Ok(());
+    }
     let quick = args.iter().any(|a| a == "--quick");
-    let plan = if quick {
-        Plan { mb: 10, rows: 100_000, repeat: 1, seconds: 2 }
-    } else {
-        Plan { mb: 100, rows: 1_000_000, repeat: 3, seconds: 10 }
-    };
+    let plan = if quick { Plan::QUICK } else { Plan::FULL };
     let env = Env::prepare()?;
     let base = root().join("target/xtask");
     let orig_python =
         python::ensure_venv(&env.python, &base.join("venv-orig-3.12"), PACKAGES_ORIG).context("original venv")?;
-    eprintln!("==> building our server (release)");
-    let status = env.cargo().args(["build", "--release", "-p", "ksrpc-server"]).status()?;
-    anyhow::ensure!(status.success(), "building the server failed");
+    build_release(&env)?;
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     // Every run starts with empty result caches (misses must be misses).
@@ -640,9 +743,13 @@ pub fn run(args: &[String]) -> Result<()> {
         ours: blocking[1]["add_during_block_ms"].as_f64().unwrap_or(f64::NAN),
         higher_better: false,
     });
+    // The 0.8.1 client's floor: the big downloads again, ours against a
+    // replay server in front of ours, back to back.
+    drop(orig_server);
+    let (floor, floor_raw) = floor_table(&env, &ours_server.url, &plan)?;
+    raw.insert("(floor) the 0.8.1 client's floor".into(), floor_raw);
     // The wheel (`python -m ksrpc_rs`, calls in the host interpreter) against
     // the binary, same workloads, same run: (a), (b) and (d).
-    drop(orig_server);
     eprintln!("==> the wheel server");
     let wheel_python = crate::wheel::bench_python(&env)?;
     let wheel_kind = crate::suite::Kind::Wheel(wheel_python);
@@ -720,13 +827,13 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     let wheel_header = "\nThe wheel against the binary (ratio: >= 1 is as fast as the binary or faster)\n\n";
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{header}{table}{wheel_header}{wheel_table}")?;
-    std::fs::write(dir.join("bench.md"), format!("{header}{table}{wheel_header}{wheel_table}"))?;
+    writeln!(out, "{header}{table}{FLOOR_HEADER}{floor}{wheel_header}{wheel_table}")?;
+    std::fs::write(dir.join("bench.md"), format!("{header}{table}{FLOOR_HEADER}{floor}{wheel_header}{wheel_table}"))?;
     // The committed record: what ran, where, and every row; a full run also
     // becomes the README's table.
     let record = format!(
         "{}
-{header}{table}{wheel_header}{wheel_table}",
+{header}{table}{FLOOR_HEADER}{floor}{wheel_header}{wheel_table}",
         provenance(&env, "bench")?
     );
     let committed = root().join(if quick { "docs/bench-quick.md" } else { "docs/bench.md" });
@@ -744,7 +851,7 @@ pub fn run(args: &[String]) -> Result<()> {
         update_readme(
             "<!-- bench:begin -->",
             "<!-- bench:end -->",
-            &format!("{header}{table}{wheel_header}{wheel_table}"),
+            &format!("{header}{table}{FLOOR_HEADER}{floor}{wheel_header}{wheel_table}"),
             &committed,
             "bench",
         )?;
