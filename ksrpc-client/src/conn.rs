@@ -332,7 +332,10 @@ impl HttpConn {
             200 => {}
             400 if native => {}
             401 => return Err(Error::Unauthorized),
-            403 => return Err(Error::Forbidden),
+            403 => {
+                let text = response.text().await.unwrap_or_default();
+                return Err(Error::Forbidden(text.chars().take(500).collect()));
+            }
             _ => {
                 let text = response.text().await.unwrap_or_default();
                 return Err(Error::Http { status, body: text.chars().take(500).collect() });
@@ -415,7 +418,12 @@ impl WsConn {
             .await
             .map_err(|e| match &e {
                 tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 401 => Error::Unauthorized,
-                tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 403 => Error::Forbidden,
+                tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 403 => Error::Forbidden(
+                    r.body()
+                        .as_deref()
+                        .map(|b| String::from_utf8_lossy(&b[..b.len().min(500)]).into_owned())
+                        .unwrap_or_else(|| "is this machine's clock right? (the server sent no reason)".into()),
+                ),
                 tokio_tungstenite::tungstenite::Error::Http(r) => {
                     Error::Http { status: r.status().as_u16(), body: String::new() }
                 }

@@ -18,9 +18,10 @@ pub enum Error {
     #[error("wrong user or password (HTTP 401)")]
     Unauthorized,
     /// The server refused the request's timestamp: the clocks differ by more
-    /// than the server's window.
-    #[error("the server refused the request's timestamp (HTTP 403): is this machine's clock right?")]
-    Forbidden,
+    /// than the server's window. Holds the server's explanation (both clocks
+    /// and the window) when it sent one.
+    #[error("the server refused the request's timestamp (HTTP 403): {0}")]
+    Forbidden(String),
     /// Any other HTTP status.
     #[error("HTTP {status}: {body}")]
     Http {

@@ -36,9 +36,6 @@ pub enum AuthError {
     /// deliberately one variant, so a caller cannot tell them apart.
     #[error("unauthorized")]
     Unauthorized,
-    /// `X-Timestamp` missing, not a finite number, or outside the window.
-    #[error("timestamp outside the allowed window")]
-    StaleTimestamp,
     /// This client address already has as many uncached verifications in
     /// progress as it may (429; retry shortly).
     #[error("too many logins in progress from this address")]
@@ -429,21 +426,53 @@ pub fn parse_basic(header: Option<&[u8]>) -> Result<(String, String), AuthError>
     Ok((user.to_owned(), password.to_owned()))
 }
 
+/// Why a request's `X-Timestamp` was refused (403); the message says what
+/// to do, as the original's does for a skew.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum TimestampError {
+    /// No `X-Timestamp` header.
+    #[error(
+        "no X-Timestamp header: send the client's time in seconds since the epoch (the 0.8.1 client does), \
+         or set server.timestamp_window = 0 to turn the check off"
+    )]
+    Missing,
+    /// A header that is not a finite decimal number (at most 64 bytes of it
+    /// are quoted).
+    #[error("X-Timestamp {0:?} is not a finite number of seconds since the epoch")]
+    NotANumber(String),
+    /// The clocks differ by more than the window.
+    #[error(
+        "the time difference between server and client is too large: client {client:.3} - server {server:.3} \
+         = {:.1} s, more than server.timestamp_window = {window} s; set the clock of the machine that is wrong \
+         (NTP), or widen the window",
+        client - server
+    )]
+    Skew {
+        /// The client's X-Timestamp.
+        client: f64,
+        /// The server's clock when the request came.
+        server: f64,
+        /// `server.timestamp_window`.
+        window: f64,
+    },
+}
+
 /// Checks the client's `X-Timestamp` (seconds since the epoch, decimal)
-/// against `now`. A missing header counts as 0; anything that is not a
-/// finite number is refused; a window `<= 0` disables the check.
-pub fn check_timestamp(header: Option<&[u8]>, now: f64, window: f64) -> Result<(), AuthError> {
+/// against `now`. A missing header or anything that is not a finite number
+/// is refused; a window `<= 0` disables the check.
+pub fn check_timestamp(header: Option<&[u8]>, now: f64, window: f64) -> Result<(), TimestampError> {
     if window.is_nan() || window <= 0.0 {
         return Ok(());
     }
-    let value = match header {
-        None => 0.0,
-        Some(raw) => {
-            std::str::from_utf8(raw).ok().and_then(|s| s.trim().parse::<f64>().ok()).ok_or(AuthError::StaleTimestamp)?
-        }
-    };
-    if !value.is_finite() || (now - value).abs() > window {
-        return Err(AuthError::StaleTimestamp);
+    let raw = header.ok_or(TimestampError::Missing)?;
+    let quoted = || String::from_utf8_lossy(&raw[..raw.len().min(64)]).into_owned();
+    let value = std::str::from_utf8(raw)
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| TimestampError::NotANumber(quoted()))?;
+    if (now - value).abs() > window {
+        return Err(TimestampError::Skew { client: value, server: now, window });
     }
     Ok(())
 }
@@ -488,7 +517,14 @@ mod tests {
         let now = 1_000_000.0;
         assert!(check_timestamp(Some(b"1000000.5"), now, 30.0).is_ok());
         assert!(check_timestamp(Some(b"999900"), now, 30.0).is_err());
-        assert!(check_timestamp(None, now, 30.0).is_err(), "missing counts as 0");
+        assert_eq!(check_timestamp(None, now, 30.0), Err(TimestampError::Missing));
+        // The skew message names both clocks and the window, as the original's does.
+        let skew = check_timestamp(Some(b"999900"), now, 30.0).unwrap_err().to_string();
+        for part in ["999900.000", "1000000.000", "-100.0 s", "server.timestamp_window = 30 s"] {
+            assert!(skew.contains(part), "{part}: {skew}");
+        }
+        let long = check_timestamp(Some(&[b'x'; 1000]), now, 30.0).unwrap_err().to_string();
+        assert!(long.len() < 200, "a hostile header is not echoed whole: {long}");
         for bad in [&b"nan"[..], b"inf", b"-inf", b"abc", b"", b"\xff"] {
             assert!(check_timestamp(Some(bad), now, 30.0).is_err(), "{bad:?}");
         }

@@ -23,7 +23,7 @@ use ksrpc_core::native::{Outcome, RemoteError, Value};
 use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError, Executor, NativeRequest};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::fair::FairQueue;
 use crate::gate::Gate;
@@ -121,6 +121,9 @@ struct Shared {
     next_id: AtomicU64,
     workers: AtomicUsize,
     shutting_down: AtomicBool,
+    /// Set by [`PyExecutor::cut_calls`]: every caller still waiting is
+    /// answered `ShuttingDown` at once.
+    cut: watch::Sender<bool>,
     gate: Arc<Gate>,
     /// Dropped by [`PyExecutor::join`]: every pool and control thread
     /// waiting on it then ends.
@@ -176,6 +179,7 @@ impl PyExecutor {
             next_id: AtomicU64::new(1),
             workers: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
+            cut: watch::Sender::new(false),
             gate: Gate::new(1)?,
             stop: Mutex::new(Some(stop_tx)),
             stopped: stop_rx,
@@ -228,6 +232,20 @@ impl PyExecutor {
                 tracing::warn!("closing the Python executor: {}", describe(py, &e));
             }
         });
+    }
+
+    /// Calls in flight (queued or running), all users together.
+    pub fn in_flight(&self) -> usize {
+        self.shared.per_user.lock().expect("per-user map poisoned").values().sum()
+    }
+
+    /// Ends every call still in flight (the end of a shutdown grace): each
+    /// caller is answered [`ExecError::ShuttingDown`] at once, so its client
+    /// gets a reply saying so, and its job is cancelled (a coroutine is
+    /// cancelled, a thread is interrupted). No new call is taken after it.
+    pub fn cut_calls(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        self.shared.cut.send_replace(true);
     }
 
     /// Calls currently running on a Python thread.
@@ -523,7 +541,16 @@ impl PyExecutor {
         let key: Arc<str> = Arc::from(user.name.as_str());
         shared.queue.push(&key, job).map_err(|_| ExecError::ShuttingDown)?;
         let timeout = shared.config.call_timeout();
-        match tokio::time::timeout(timeout, rx).await {
+        let mut cut = shared.cut.subscribe();
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(timeout, rx) => answer,
+            // Cut at the end of the shutdown grace: the guard cancels the job.
+            _ = cut.wait_for(|cut| *cut) => {
+                tracing::warn!(user = %user.name, call = id, "call cut: the server is shutting down");
+                return Err(ExecError::ShuttingDown);
+            }
+        };
+        match answer {
             Ok(Ok(outcome)) => {
                 guard.finished = true;
                 outcome

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use ksrpc_core::codec::{ChunkedZlib, Level, Limits, DEFAULT_MAX_ENCODED_SLICE, DEFAULT_SLICE_SIZE};
@@ -276,16 +276,14 @@ impl Config {
         if !server.is_empty() {
             fig = fig.merge(Serialized::default("server", server));
         }
-        let config: Config = fig.extract().context("invalid configuration")?;
+        let mut config: Config = fig.extract().context("invalid configuration")?;
+        config.server.path = server_path(&config.server.path)?;
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<()> {
-        let path = &self.server.path;
-        if !path.starts_with('/') || path.ends_with('/') {
-            bail!("server.path must start with '/' and not end with one (got {path:?})");
-        }
+        server_path(&self.server.path)?;
         let seconds = [
             ("server.timestamp_window", self.server.timestamp_window, true),
             ("limits.call_timeout", self.limits.call_timeout, false),
@@ -392,6 +390,55 @@ impl Config {
 
 /// Characters the 0.8.1 client's `str(url).rstrip("/chunk")` (and `"/ws"`,
 /// `"/generate_204"`) strips from the end of a cached base URL.
+/// `server.path` as the server routes it: trailing slashes trimmed as the
+/// original does (`"/api/v1/"` serves `/api/v1`; `"/"` serves the routes at
+/// the root), then checked so a bad path is a config error naming the key,
+/// never a panic in a worker. A `{name}` placeholder (letters, digits, `_`)
+/// matches any one path segment: `"/api/v1/{time}"` serves the 0.8.1
+/// README's "dynamic URL" `http://host:8080/api/v1/{time}` as the client
+/// sends it, and `/api/v1/<anything>` as well.
+pub fn server_path(path: &str) -> Result<String> {
+    let trimmed = path.trim_end_matches('/');
+    let bad = |why: &str| anyhow!("server.path {path:?} {why}");
+    if !path.starts_with('/') {
+        return Err(bad("must start with '/'"));
+    }
+    let mut names = Vec::new();
+    let mut chars = trimmed.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' => {
+                let (mut name, mut closed) = (String::new(), false);
+                for c in chars.by_ref() {
+                    if c == '}' {
+                        closed = true;
+                        break;
+                    }
+                    name.push(c);
+                }
+                if !closed {
+                    return Err(bad("has a '{' without its '}' (a placeholder is written {name})"));
+                }
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(bad("has a placeholder whose name is not letters, digits or '_' ({name})"));
+                }
+                if names.contains(&name) {
+                    return Err(bad("names a placeholder twice"));
+                }
+                names.push(name);
+            }
+            '}' => return Err(bad("has a '}' without its '{'")),
+            '*' | '?' | '#' => return Err(bad("may not hold '*', '?' or '#'")),
+            c if c.is_whitespace() || c.is_control() => return Err(bad("may not hold spaces or control characters")),
+            _ => {}
+        }
+    }
+    if trimmed.contains("//") {
+        return Err(bad("has an empty segment ('//')"));
+    }
+    Ok(trimmed.to_owned())
+}
+
 const RSTRIP_SETS: [&str; 3] = ["/chunk", "/ws", "/generate_204"];
 
 /// Whether the client's URL caching would cut characters off `path`.
@@ -512,6 +559,41 @@ rules = ["allow ksrpc.server.demo", "allow bench_mod", "deny os", "deny builtins
         )
         .unwrap();
         assert_eq!(c.server.port, 4);
+    }
+
+    #[test]
+    fn paths_are_trimmed_like_the_original_and_bad_ones_name_the_key() {
+        for (given, routed) in [
+            ("/api/v1", "/api/v1"),
+            ("/api/v1/", "/api/v1"),
+            ("/api/v1//", "/api/v1"),
+            ("/", ""),
+            ("/api/v1/{time}", "/api/v1/{time}"),
+        ] {
+            assert_eq!(server_path(given).unwrap(), routed, "{given}");
+        }
+        for bad in [
+            "api/v1",
+            "/api/{time",
+            "/api/time}",
+            "/api/{}",
+            "/api/{a b}",
+            "/api/{t:\\d+}",
+            "/{a}/{a}",
+            "/a*",
+            "/a b",
+            "/a//b",
+            "",
+        ] {
+            let err = server_path(bad).unwrap_err().to_string();
+            assert!(err.starts_with("server.path"), "{bad}: {err}");
+        }
+        // Through the loader, from a flag: refused before anything listens.
+        let err =
+            Config::load(None, &Overrides { path: Some("/api/{time".into()), ..Overrides::default() }).unwrap_err();
+        assert!(format!("{err:#}").contains("server.path"), "{err:#}");
+        let c = Config::load(None, &Overrides { path: Some("/api/v1/".into()), ..Overrides::default() }).unwrap();
+        assert_eq!(c.server.path, "/api/v1");
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Running {
     /// `http` or `https`.
     scheme: &'static str,
     handle: ServerHandle,
+    executor: PyExecutor,
+    grace: Duration,
     thread: Option<JoinHandle<Result<()>>>,
 }
 
@@ -46,12 +48,14 @@ type Ready = Result<(Vec<SocketAddr>, ServerHandle)>;
 pub fn start(config: Config, users: UserStore, executor: PyExecutor, signals: Signals) -> Result<Running> {
     let path = config.server.path.clone();
     let scheme = if config.server.tls.is_some() { "https" } else { "http" };
+    let grace = Duration::from_secs(config.server.shutdown_grace);
     let (tx, rx) = mpsc::channel::<Ready>();
+    let server_executor = executor.clone();
     let thread = std::thread::Builder::new()
         .name("ksrpc-http".into())
-        .spawn(move || actix_web::rt::System::new().block_on(serve(config, users, executor, signals, tx)))?;
+        .spawn(move || actix_web::rt::System::new().block_on(serve(config, users, server_executor, signals, tx)))?;
     match rx.recv() {
-        Ok(Ok((addrs, handle))) => Ok(Running { addrs, path, scheme, handle, thread: Some(thread) }),
+        Ok(Ok((addrs, handle))) => Ok(Running { addrs, path, scheme, handle, executor, grace, thread: Some(thread) }),
         Ok(Err(e)) => {
             let _ = thread.join();
             Err(e)
@@ -81,12 +85,13 @@ impl Running {
     }
 
     /// Stops accepting connections, lets calls in flight finish (up to
-    /// `server.shutdown_grace`) and waits for the server thread. Never call
-    /// it while attached to the interpreter: the calls it waits for need the
-    /// GIL.
+    /// `server.shutdown_grace`, then the rest are cut: each is answered that
+    /// the server is shutting down) and waits for the server thread. Never
+    /// call it while attached to the interpreter: the calls it waits for
+    /// need the GIL.
     pub fn stop(&mut self) -> Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(self.handle.stop(true));
+        rt.block_on(drain(&self.handle, &self.executor, self.grace, std::future::pending()));
         self.wait_thread()
     }
 
@@ -110,7 +115,7 @@ async fn serve(
     signals: Signals,
     ready: mpsc::Sender<Ready>,
 ) -> Result<()> {
-    let (addrs, server) = match bind(&config, users, executor) {
+    let (addrs, server) = match bind(&config, users, executor.clone()) {
         Ok(bound) => bound,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -121,21 +126,96 @@ async fn serve(
     // SIGTERM right after start-up must still stop the server gracefully
     // (actix's own are disabled: they would only run with the server future).
     let handle = server.handle();
+    // Sent when a second signal asks to stop at once.
+    let (forced_tx, forced_rx) = tokio::sync::oneshot::channel::<()>();
     if signals == Signals::Own {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let handle = handle.clone();
+        let grace = Duration::from_secs(config.server.shutdown_grace);
         actix_web::rt::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping gracefully"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping gracefully"),
+            let first = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!(signal = first, "stopping (send the signal again to stop at once)");
+            let second = async move {
+                tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                }
+            };
+            if drain(&handle, &executor, grace, second).await == Drained::Forced {
+                let _ = forced_tx.send(());
             }
-            handle.stop(true).await;
         });
     }
     let _ = ready.send(Ok((addrs, handle)));
-    server.await?;
+    tokio::select! {
+        stopped = server => stopped?,
+        // The connections still open are dropped with the process.
+        Ok(()) = forced_rx => {}
+    }
     Ok(())
+}
+
+/// How [`drain`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Drained {
+    /// Every connection finished (within the grace, or after the calls
+    /// still running at its end were cut).
+    Finished,
+    /// `interrupt` came first (a second signal): the calls in flight were
+    /// cut and the server should stop without waiting for its connections.
+    Forced,
+}
+
+/// Stops the server: no new connections; calls in flight get `grace`, then
+/// the ones still in flight are cut (each caller is answered that the server
+/// is shutting down, and its transport logs the call as usual). `interrupt`
+/// resolving first (a second signal) cuts them at once.
+async fn drain(
+    handle: &ServerHandle,
+    executor: &PyExecutor,
+    grace: Duration,
+    interrupt: impl std::future::Future<Output = &'static str>,
+) -> Drained {
+    let calls = executor.in_flight();
+    tracing::info!(
+        calls,
+        grace_s = grace.as_secs(),
+        "no new connections; waiting up to {} s for {calls} calls in flight (server.shutdown_grace)",
+        grace.as_secs()
+    );
+    let stopping = handle.stop(true);
+    tokio::pin!(stopping, interrupt);
+    let cut = |why: &str| {
+        let calls = executor.in_flight();
+        if calls > 0 {
+            tracing::warn!(
+                calls,
+                "{why}: cutting {calls} calls still in flight; each is answered that the server is shutting down"
+            );
+        }
+        executor.cut_calls();
+    };
+    tokio::select! {
+        () = &mut stopping => return Drained::Finished,
+        signal = &mut interrupt => {
+            cut(&format!("second {signal}: stopping at once"));
+            // A moment for the cut calls' answers to leave.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Drained::Forced;
+        }
+        () = tokio::time::sleep(grace) => cut("shutdown grace over"),
+    }
+    tokio::select! {
+        () = &mut stopping => Drained::Finished,
+        signal = &mut interrupt => {
+            tracing::warn!(signal = signal, "second signal: stopping at once");
+            Drained::Forced
+        }
+    }
 }
 
 fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<SocketAddr>, actix_web::dev::Server)> {
@@ -175,7 +255,9 @@ fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<
             .configure(ksrpc_transport_http::routes(&app_path))
             .configure(ksrpc_transport_ws::routes(&app_path))
     })
-    .shutdown_timeout(config.server.shutdown_grace)
+    // Past the grace the calls still running are cut (see `drain`); their
+    // answers then get a few seconds to leave before connections are dropped.
+    .shutdown_timeout(config.server.shutdown_grace.saturating_add(5))
     .client_request_timeout(Duration::from_secs(60));
     if config.server.workers > 0 {
         server = server.workers(config.server.workers);

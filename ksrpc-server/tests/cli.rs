@@ -37,6 +37,24 @@ fn a_bad_config_is_refused_with_the_key_named() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// `--path "/api/{time"` used to print "listening" and then panic in a
+/// worker at the first request; now it is a config error naming the key,
+/// and nothing listens.
+#[test]
+fn a_malformed_path_is_refused_before_listening() {
+    let out = Command::new(BIN)
+        .args(["--port", "0", "--path", "/api/{time"])
+        .env_remove("KSRPC_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(stderr.contains("server.path") && stderr.contains("{time"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 /// With no config at all: loopback only, one `admin` with a password printed
 /// once on stderr, and a "listening on" line on stdout.
 #[test]

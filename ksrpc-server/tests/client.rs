@@ -36,6 +36,18 @@ impl Server {
     /// [`Server::start_with`] with `RUST_LOG` set to `log` and the log
     /// written to `log_file` (else to the test's stderr).
     fn start_logging(threads: usize, extra: &str, log: &str, log_file: Option<&std::path::Path>) -> Server {
+        Server::start_env(threads, extra, log, log_file, &[])
+    }
+
+    /// [`Server::start_logging`] with extra environment variables (config
+    /// keys of sections the template already has: `KSRPC_SERVER__...`).
+    fn start_env(
+        threads: usize,
+        extra: &str,
+        log: &str,
+        log_file: Option<&std::path::Path>,
+        env: &[(&str, &str)],
+    ) -> Server {
         let venv = std::env::var("KSRPC_TEST_VENV").expect("KSRPC_TEST_VENV is not set: run `cargo xtask test`");
         let modules = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/server_modules");
         let dir = tempfile::tempdir().unwrap();
@@ -66,6 +78,7 @@ threads = {threads}
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", log)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log_file.map_or_else(Stdio::inherit, |f| std::fs::File::create(f).unwrap().into()))
             .spawn()
@@ -357,6 +370,93 @@ async fn timeouts_and_dropped_calls_cancel_on_the_server() {
         }
         assert_eq!(bench.call("echo", (7,)).await.unwrap(), Value::Int(7));
     }
+}
+
+/// Waits up to `within` for `text` to appear in the file at `path`.
+fn wait_for_line(path: &std::path::Path, text: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.contains(text) {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "no {text:?} in the log within {within:?}:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits up to `within` for the server process to exit; its status.
+fn exit_within(server: &mut Server, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(server: &Server, name: &str) {
+    assert!(Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(server.child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// SIGTERM: a line says how many calls the server waits for and for how
+/// long; at the end of `server.shutdown_grace` the calls still running are
+/// answered that the server is shutting down (with a log line each), and
+/// the server exits. Before, such calls were dropped with their connection,
+/// no reason given and nothing logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_out_the_grace_then_answers_the_calls_still_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let mut server = Server::start_env(4, "", "info", Some(&log), &[("KSRPC_SERVER__SHUTDOWN_GRACE", "2")]);
+    let mut calls = Vec::new();
+    for transport in BOTH {
+        let client = server.client(transport, ADMIN).await;
+        calls.push(tokio::spawn(async move { client.module("bench_mod").call("sleep", (60.0,)).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    signal(&server, "TERM");
+    let waiting = wait_for_line(&log, "waiting up to 2 s for 2 calls in flight", Duration::from_secs(5));
+    assert!(waiting.contains("SIGTERM"), "{waiting}");
+    let started = Instant::now();
+    for call in calls {
+        let err = tokio::time::timeout(Duration::from_secs(20), call).await.expect("answered").unwrap().unwrap_err();
+        assert!(err.to_string().contains("shutting down"), "{err}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    let status = exit_within(&mut server, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("shutdown grace over: cutting 2 calls still in flight"), "{log}");
+    assert_eq!(log.matches("call cut: the server is shutting down").count(), 2, "a line per cut call:\n{log}");
+}
+
+/// A second signal stops at once, without waiting out a long grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let mut server = Server::start_env(4, "", "info", Some(&log), &[("KSRPC_SERVER__SHUTDOWN_GRACE", "120")]);
+    let client = server.client(Transport::WebSocket, ADMIN).await;
+    let call = tokio::spawn(async move { client.module("bench_mod").call("sleep", (60.0,)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&server, "INT");
+    wait_for_line(&log, "waiting up to 120 s for 1 calls in flight", Duration::from_secs(5));
+    let started = Instant::now();
+    signal(&server, "INT");
+    exit_within(&mut server, Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let err = tokio::time::timeout(Duration::from_secs(10), call).await.expect("answered").unwrap().unwrap_err();
+    assert!(!err.to_string().is_empty());
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("second SIGINT: stopping at once"), "{log}");
 }
 
 /// Any value (other than chains and markers, which the server resolves, and

@@ -7,9 +7,10 @@ use ksrpc_core::{CodecError, ExecError};
 /// A failed HTTP request.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    /// Timestamp missing, not finite or outside the window (403, as the original).
-    #[error("Forbidden")]
-    Forbidden,
+    /// Timestamp missing, not finite or outside the window (403, as the
+    /// original, with the reason in the body).
+    #[error("Forbidden: {0}")]
+    Forbidden(#[from] ksrpc_core::auth::TimestampError),
     /// Credentials missing, malformed or wrong (401 + `WWW-Authenticate`).
     #[error("Unauthorized")]
     Unauthorized,
@@ -79,7 +80,7 @@ impl TransportError {
 impl ResponseError for TransportError {
     fn status_code(&self) -> StatusCode {
         match self {
-            TransportError::Forbidden => StatusCode::FORBIDDEN,
+            TransportError::Forbidden(_) => StatusCode::FORBIDDEN,
             TransportError::Unauthorized => StatusCode::UNAUTHORIZED,
             TransportError::Throttled => StatusCode::TOO_MANY_REQUESTS,
             TransportError::BadRequest(_) => StatusCode::BAD_REQUEST,

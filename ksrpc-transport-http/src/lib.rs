@@ -142,7 +142,7 @@ pub async fn guard(
         .ok_or_else(|| TransportError::Internal("HttpState is not registered".into()))?
         .clone();
     let header = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
-    check_timestamp(header("X-Timestamp"), now(), state.timestamp_window).map_err(|_| TransportError::Forbidden)?;
+    check_timestamp(header("X-Timestamp"), now(), state.timestamp_window).map_err(TransportError::Forbidden)?;
     let (name, password) = parse_basic(header("Authorization")).map_err(|_| TransportError::Unauthorized)?;
     let peer = Peer::of(req.peer_addr().map(|a| a.ip()));
     let user = authenticate(&state.users, name, password, peer).await?;

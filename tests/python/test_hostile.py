@@ -356,6 +356,9 @@ def test_raw_missing_or_bad_timestamp_is_403(settings, target, bystander, case, 
     body = frame_body(request_pickle())
     resp = run(raw_request(target, request_head(target, hdrs), [http_chunk(body) + LAST_CHUNK]))
     assert_refused(resp.status, resp.text, 403, "forbidden")
+    # The body says what is wrong and what to do (the original explains a skew).
+    reason = {"missing": "no X-Timestamp header", "stale": "server.timestamp_window", "future": "server.timestamp_window"}
+    assert reason.get(case, "not a finite number") in resp.text, resp.text[:300]
     bystander.check()
 
 
