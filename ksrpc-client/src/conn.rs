@@ -322,7 +322,7 @@ impl HttpConn {
         if let Some(auth) = &self.auth {
             request = request.header(reqwest::header::AUTHORIZATION, auth);
         }
-        let response = request.send().await.map_err(|e| Error::Connection(e.to_string()))?;
+        let response = request.send().await.map_err(|e| Error::Connection(with_causes(&e)))?;
         let status = response.status().as_u16();
         let native = response
             .headers()
@@ -338,7 +338,14 @@ impl HttpConn {
             }
             _ => {
                 let text = response.text().await.unwrap_or_default();
-                return Err(Error::Http { status, body: text.chars().take(500).collect() });
+                let mut body: String = text.chars().take(500).collect();
+                if status == 404 {
+                    body = format!(
+                        "no ksrpc server answers at {}: is the URL's path the server's server.path? {body}",
+                        self.endpoint
+                    );
+                }
+                return Err(Error::Http { status, body });
             }
         }
         let total = response.content_length();
@@ -424,10 +431,14 @@ impl WsConn {
                         .map(|b| String::from_utf8_lossy(&b[..b.len().min(500)]).into_owned())
                         .unwrap_or_else(|| "is this machine's clock right? (the server sent no reason)".into()),
                 ),
+                tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 404 => Error::Http {
+                    status: 404,
+                    body: format!("no ksrpc server answers at {endpoint}: is the URL's path the server's server.path?"),
+                },
                 tokio_tungstenite::tungstenite::Error::Http(r) => {
                     Error::Http { status: r.status().as_u16(), body: String::new() }
                 }
-                _ => Error::Connection(e.to_string()),
+                _ => Error::Connection(format!("{endpoint}: {}", with_causes(&e))),
             })?;
         let shared = Arc::new(WsShared {
             pending: Mutex::new(HashMap::new()),
@@ -577,4 +588,21 @@ fn deliver(shared: &WsShared, stream: u64, message: Result<ServerMessage, Error>
             None
         }
     }
+}
+
+/// An error with its causes: reqwest's own message names only the URL
+/// ("error sending request for url (...)"), the cause (connection refused, a
+/// DNS failure, a certificate) is in its sources.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }

@@ -1008,6 +1008,20 @@ fn the_ksrpc_command_line_calls_prints_writes_files_and_fails_clearly() {
         assert_eq!(code, 2);
         assert!(err.contains("wrong user or password"), "{err}");
         assert!(!err.contains("nope"), "the password is never echoed: {err}");
+        // A wrong path and a port nobody listens on: the cause and where it was tried.
+        let wrong = url.replacen("/api/v1", "/api/v9", 1);
+        let (code, _, err) = ksrpc_call(&wrong, "ksrpc.server.demo.add(1, 2)", &[], &creds);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("server.path") && err.contains("/api/v9"), "{transport:?}: {err}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = url.split(':').nth(2).unwrap().split('/').next().unwrap();
+        let refused = url.replacen(port, &closed.to_string(), 1);
+        let (code, _, err) = ksrpc_call(&refused, "ksrpc.server.demo.add(1, 2)", &[], &creds);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.to_lowercase().contains("connection refused") && err.contains(&closed.to_string()),
+            "{transport:?}: {err}"
+        );
         let limited = [("KSRPC_USER", LIMITED.0), ("KSRPC_PASSWORD", LIMITED.1)];
         let (code, _, err) = ksrpc_call(&url, "os.getcwd()", &[], &limited);
         assert_eq!(code, 1);

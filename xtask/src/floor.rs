@@ -264,7 +264,9 @@ async fn serve_ws(mut stream: TcpStream, state: Arc<State>, head: Head) -> Resul
     let path = chunk_path(&head.path);
     let mut request = Vec::new();
     while let Some(message) = ws.next().await {
-        match message? {
+        // The 0.8.1 client may leave without a closing handshake.
+        let Ok(message) = message else { break };
+        match message {
             Message::Binary(data) => request.extend_from_slice(&data),
             Message::Text(text) if text.as_str() == border => request.extend_from_slice(BORDER),
             Message::Text(text) if text.as_str() == "EOF" => {
