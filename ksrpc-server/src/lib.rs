@@ -19,4 +19,4 @@ mod users;
 
 pub use config::{Config, Overrides};
 pub use run::{start, Running, Signals};
-pub use users::{build_users, hash_password_from, init_logging, GeneratedAdmin, DEFAULT_RULES};
+pub use users::{build_users, hash_password_asked, hash_password_from, init_logging, GeneratedAdmin, DEFAULT_RULES};

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ksrpc_py::PyExecutor;
-use ksrpc_server::{build_users, hash_password_from, init_logging, start, Config, Overrides, Signals};
+use ksrpc_server::{
+    build_users, hash_password_asked, hash_password_from, init_logging, start, Config, Overrides, Signals,
+};
 
 /// The ksrpc server: call this machine's Python modules from anywhere.
 #[derive(Debug, Parser)]
@@ -56,7 +58,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(Command::HashPassword) = cli.command {
         let stdin = std::io::stdin();
-        let hash = hash_password_from(&mut stdin.lock(), stdin.is_terminal())?;
+        // On a terminal: asked twice, without echo; piped: the first line.
+        let hash = if stdin.is_terminal() {
+            hash_password_asked(&mut |prompt| rpassword::prompt_password(prompt))?
+        } else {
+            hash_password_from(&mut stdin.lock())?
+        };
         writeln!(std::io::stdout().lock(), "{hash}")?;
         return Ok(());
     }

@@ -1,9 +1,9 @@
 //! Users from the config, the generated default admin, logging and
 //! `hash-password`: start-up pieces both front ends share.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ksrpc_core::auth::{hash_password, AuthTuning, PasswordSource, UserStore};
 use ksrpc_core::RuleSet;
 
@@ -81,15 +81,47 @@ pub fn init_logging() -> Option<tracing_appender::non_blocking::WorkerGuard> {
         .map(|()| guard)
 }
 
-/// `hash-password`: an argon2id hash of the first line of `input`.
-pub fn hash_password_from(input: &mut dyn BufRead, prompt: bool) -> Result<String> {
-    if prompt {
-        eprint!("password (input is visible; pipe it in to avoid that): ");
-        std::io::stderr().flush().ok();
-    }
+/// `hash-password` with the password piped in: an argon2id hash of the
+/// first line of `input`.
+pub fn hash_password_from(input: &mut dyn BufRead) -> Result<String> {
     let mut line = String::new();
     input.read_line(&mut line)?;
     let password = line.trim_end_matches(['\r', '\n']);
     anyhow::ensure!(!password.is_empty(), "empty password");
     Ok(hash_password(password))
+}
+
+/// `hash-password` on a terminal: asks twice through `ask` (the binary
+/// reads without echo), and refuses an empty password or two that differ.
+pub fn hash_password_asked(ask: &mut dyn FnMut(&str) -> std::io::Result<String>) -> Result<String> {
+    let first = ask("password: ").context("reading the password")?;
+    anyhow::ensure!(!first.is_empty(), "empty password");
+    let again = ask("the same password again: ").context("reading the password")?;
+    anyhow::ensure!(first == again, "the two passwords differ; nothing was hashed");
+    Ok(hash_password(&first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asked(answers: &[&str]) -> Result<String> {
+        let mut answers = answers.iter().map(|a| a.to_string());
+        hash_password_asked(&mut |_| Ok(answers.next().expect("asked too often")))
+    }
+
+    #[test]
+    fn a_terminal_password_is_asked_twice_and_must_match() {
+        let hash = asked(&["s3cret", "s3cret"]).unwrap();
+        assert!(hash.starts_with("$argon2id$") && !hash.contains("s3cret"), "{hash}");
+        assert!(asked(&["s3cret", "s3cre"]).unwrap_err().to_string().contains("differ"));
+        assert!(asked(&[""]).unwrap_err().to_string().contains("empty"));
+    }
+
+    #[test]
+    fn a_piped_password_is_the_first_line() {
+        let hash = hash_password_from(&mut "pw\nignored\n".as_bytes()).unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(hash_password_from(&mut "\n".as_bytes()).is_err());
+    }
 }
