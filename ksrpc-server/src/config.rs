@@ -282,8 +282,9 @@ impl Config {
         Ok(config)
     }
 
+    /// Checks what serde cannot (`server.path` is checked and trimmed by
+    /// [`server_path`] before this).
     fn validate(&self) -> Result<()> {
-        server_path(&self.server.path)?;
         let seconds = [
             ("server.timestamp_window", self.server.timestamp_window, true),
             ("limits.call_timeout", self.limits.call_timeout, false),

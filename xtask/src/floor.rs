@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use ksrpc_core::codec::BORDER;
+use ksrpc_core::codec::{ChunkedZlib, WsFrame, BORDER};
 use memchr::memmem;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
@@ -204,16 +204,6 @@ impl State {
     }
 }
 
-/// The pieces of an HTTP-form body, each a slice with its border (views).
-fn pieces(body: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
-    let mut at = 0;
-    memmem::find_iter(body, BORDER).map(move |end| {
-        let piece = body.slice(at..end + BORDER.len());
-        at = end + BORDER.len();
-        piece
-    })
-}
-
 /// `/api/v1/ws` or `/api/v1/chunk` -> `/api/v1/chunk`.
 fn chunk_path(path: &str) -> String {
     let base = path.rsplit_once('/').map_or("", |(base, _)| base);
@@ -240,10 +230,15 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> Result<()> {
               content-disposition: 0.pkl.chunked.zip\r\ntransfer-encoding: chunked\r\n\r\n",
         )
         .await?;
-        for piece in pieces(&reply) {
-            out.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).await?;
-            out.write_all(&piece).await?;
-            out.write_all(b"\r\n").await?;
+        // One HTTP chunk per slice and its border, as our server sends them.
+        for frame in ChunkedZlib::ws_frames_of_http(&reply) {
+            match frame {
+                WsFrame::Binary(slice) => {
+                    out.write_all(format!("{:x}\r\n", slice.len() + BORDER.len()).as_bytes()).await?;
+                    out.write_all(&slice).await?;
+                }
+                WsFrame::Text(_) => out.write_all(&[BORDER.as_slice(), b"\r\n"].concat()).await?,
+            }
         }
         out.write_all(b"0\r\n\r\n").await?;
         out.flush().await?;
@@ -271,9 +266,12 @@ async fn serve_ws(mut stream: TcpStream, state: Arc<State>, head: Head) -> Resul
             Message::Text(text) if text.as_str() == border => request.extend_from_slice(BORDER),
             Message::Text(text) if text.as_str() == "EOF" => {
                 let reply = state.reply(std::mem::take(&mut request), &head, path.clone()).await?;
-                for piece in pieces(&reply) {
-                    ws.feed(Message::Binary(piece.slice(..piece.len() - BORDER.len()))).await?;
-                    ws.feed(Message::text(border)).await?;
+                for frame in ChunkedZlib::ws_frames_of_http(&reply) {
+                    ws.feed(match frame {
+                        WsFrame::Binary(slice) => Message::Binary(slice),
+                        WsFrame::Text(text) => Message::text(text),
+                    })
+                    .await?;
                 }
                 ws.send(Message::text("EOF")).await?;
             }
