@@ -52,10 +52,22 @@ pub enum CompatStart {
     Run(Option<Fill>),
 }
 
-/// Looks a compat request up (its decoded pickle is the canonical request).
-pub async fn compat_begin(state: &HttpState, user: &User, payload: &[u8]) -> CompatStart {
+/// Looks a compat request up (its decoded pickle is the canonical request;
+/// which chain it names is only known once Python has read it, so every
+/// request is hashed: a big one on the blocking pool, not on the worker).
+pub async fn compat_begin(state: &HttpState, user: &User, payload: &Bytes) -> CompatStart {
     let Some(cache) = &state.cache else { return CompatStart::Run(None) };
-    match cache.begin(cache.key(Kind::Compat, &user.rules, payload)).await {
+    let key = if payload.len() <= INLINE_REPLY {
+        cache.key(Kind::Compat, &user.rules, payload)
+    } else {
+        let (cache, rules, payload) = (cache.clone(), user.rules.clone(), payload.clone());
+        match web::block(move || cache.key(Kind::Compat, &rules, &payload)).await {
+            Ok(key) => key,
+            // No blocking thread: run uncached rather than fail the call.
+            Err(_) => return CompatStart::Run(None),
+        }
+    };
+    match cache.begin(key).await {
         Begin::Hit(e) => CompatStart::Hit(e),
         Begin::Miss(fill) => CompatStart::Run(fill),
     }

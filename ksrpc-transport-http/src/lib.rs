@@ -359,22 +359,20 @@ async fn chunk(
     let user = user_of(&req)?;
     let mut held = state.budget.reservation(&user.name);
     let (payload, bytes_in) = read_body(&mut body, &state, &mut held).await?;
+    let payload = Bytes::from(payload);
     let fill = match cached::compat_begin(&state, &user, &payload).await {
         cached::CompatStart::Hit(entry) => return Ok(cached_reply(entry, &user.name, bytes_in, started)),
         cached::CompatStart::Run(fill) => fill,
     };
     // The payload stays charged while the call runs (it is in Python's hands).
     held.resize(payload.len() as u64)?;
-    let reply =
-        state.executor.call_compat(CompatRequest { user: user.clone(), payload: payload.into() }).await.inspect_err(
-            |e| {
-                let summary = match e {
-                    ksrpc_core::ExecError::BadRequest { summary, .. } => summary.as_str(),
-                    _ => "<not run>",
-                };
-                tracing::warn!(user = %user.name, chain = %summary, bytes_in, error = %e, "call refused");
-            },
-        )?;
+    let reply = state.executor.call_compat(CompatRequest { user: user.clone(), payload }).await.inspect_err(|e| {
+        let summary = match e {
+            ksrpc_core::ExecError::BadRequest { summary, .. } => summary.as_str(),
+            _ => "<not run>",
+        };
+        tracing::warn!(user = %user.name, chain = %summary, bytes_in, error = %e, "call refused");
+    })?;
     // Then the reply, until its last byte is sent.
     let reply = admit_compat_reply(reply, &mut held, &user.name);
     let cache = cached::compat_after(&state, fill, &reply);

@@ -156,6 +156,7 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
                 return;
             }
         };
+        let payload = Bytes::from(payload);
         let fill = match cached::compat_begin(&state, &user, &payload).await {
             cached::CompatStart::Hit(entry) => {
                 held.force(0);
@@ -172,7 +173,7 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
             }
             cached::CompatStart::Run(fill) => fill,
         };
-        let request = CompatRequest { user: user.clone(), payload: payload.into() };
+        let request = CompatRequest { user: user.clone(), payload };
         // Keep reading while the call runs: a close or a vanished client
         // drops the call future, which cancels the call.
         let call = state.executor.call_compat(request);

@@ -49,6 +49,21 @@ def test_a_hit_is_served_without_running_the_call(conn):
     run(main())
 
 
+def test_a_request_bigger_than_64_kib_is_cached_too(conn):
+    """Its key is hashed on the blocking pool, not on the async worker."""
+    async def main():
+        t = tag()
+        codes = [f"{600000 + i:06d}.XSHG" for i in range(10_000)]  # ~150 KiB pickled
+        async with conn:
+            probe = RpcClient(PROBE, conn)
+            assert [await probe.cached_count(t, codes) for _ in range(3)] == [10_000] * 3
+            assert await runs(conn, t) == 1
+            assert await probe.cached_count(t, codes[1:]) == 9_999
+            assert await runs(conn, t) == 2
+
+    run(main())
+
+
 def test_entries_expire_after_their_ttl(conn):
     async def main():
         t = tag()

@@ -29,6 +29,12 @@ def cached_square(tag, x, delay=0.0):
     return x * x
 
 
+def cached_count(tag, codes):
+    """A query with a long argument (an SDK call naming thousands of codes)."""
+    _count(tag)
+    return len(codes)
+
+
 def cached_fails(tag):
     _count(tag)
     raise ValueError("errors are not cached")
