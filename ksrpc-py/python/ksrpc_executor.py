@@ -13,6 +13,7 @@ import builtins
 import collections.abc
 import concurrent.futures
 import copyreg
+import ctypes
 import decimal
 import fractions
 import functools
@@ -1114,7 +1115,7 @@ def _ok_reply(module, data, ref_id=0, calls=()):
 
 
 # ---------------------------------------------------------------------------
-# Threads: the asyncio loop, the serial worker, waiting with timeout and cancel
+# Threads: the asyncio loop, the lanes, waiting with timeout and cancel
 # ---------------------------------------------------------------------------
 
 async def _guard(awaitable):
@@ -1132,36 +1133,118 @@ async def _guard(awaitable):
         return False, e
 
 
-class _SerialWorker:
-    """One daemon thread running submitted functions in order (SDKs keep sessions in thread-locals)."""
+class _Lane:
+    """One daemon thread running the synchronous code of one package's calls, in order.
+
+    SDKs that keep one connection (or a session in thread-locals) are not safe to call from
+    many threads; a lane runs every call into its package one after another, always on the
+    same thread. The pool thread that submitted a call waits for it (see Executor._in_lane)."""
 
     def __init__(self, name):
         import queue
+        self.name = name
         self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted and not finished
+        self._current = None  # the future whose function runs now
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn, *args):
+    def submit(self, fn, args, kwargs=_NO_KWARGS):
+        """Queue `fn(*args, **kwargs)`; returns (future, busy): busy if it has to wait its turn."""
         fut = concurrent.futures.Future()
-        self._queue.put((fut, fn, args))
-        return fut
+        with self._lock:
+            busy = self._pending > 0
+            self._pending += 1
+        self._queue.put((fut, fn, args, kwargs))
+        return fut, busy
+
+    def interrupt(self, fut):
+        """Raise TimeoutError in the lane's thread if it still runs `fut`'s function (its caller
+        gave up), so the next call in the lane need not wait for it. Like the pool's own
+        timeout, it cannot reach code blocked in C."""
+        with self._lock:
+            if self._current is fut and self._thread.ident is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread.ident),
+                                                           ctypes.py_object(TimeoutError))
 
     def _run(self):
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fut, fn, args = item
-            if not fut.set_running_or_notify_cancel():
-                continue
             try:
-                fut.set_result(_call(fn, args, _NO_KWARGS))
-            except BaseException as e:  # SystemExit in a call must not end the worker
-                fut.set_exception(e)
-            del fut, fn, args, item
+                item = self._queue.get()
+                if item is None:
+                    return
+                self._run_one(*item)
+                del item
+            except TimeoutError:
+                continue  # an interrupt() that raced with the end of its call
+
+    def _run_one(self, fut, fn, args, kwargs):
+        try:
+            if not fut.set_running_or_notify_cancel():
+                return
+            with self._lock:
+                self._current = fut
+            try:
+                ok, value = True, _call(fn, args, kwargs)
+            except BaseException as e:  # SystemExit in a call must not end the lane
+                ok, value = False, e
+            with self._lock:
+                # No interrupt() can aim at this call any more; drop one that came too late.
+                self._current = None
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
+            fut.set_result(value) if ok else fut.set_exception(value)
+        finally:
+            with self._lock:
+                self._pending -= 1
 
     def stop(self):
         self._queue.put(None)
+
+
+class _Lanes:
+    """Which thread runs a call's synchronous code.
+
+    By default every third-party top-level package has a lane of its own: its calls run one
+    at a time, different packages in parallel. The pool runs the standard library, the
+    `ksrpc` package (the demo) and the packages `parallel` names (fnmatch patterns on the
+    top-level package or the module). `serial` (fnmatch patterns on the module, the older
+    `serial_modules` setting) puts modules in one shared lane, which wins over `parallel`.
+    Coroutines run on the asyncio loop: a lane runs only the call that creates them."""
+
+    # sys.stdlib_module_names is 3.10+; on 3.9 the modules built into the interpreter stand in.
+    _POOL_PACKAGES = frozenset(getattr(sys, "stdlib_module_names", sys.builtin_module_names)) | {"ksrpc"}
+
+    def __init__(self, parallel=(), serial=()):
+        self._parallel, self._serial = tuple(parallel), tuple(serial)
+        self._lock = threading.Lock()
+        self._lanes = {}
+        self._stopped = False
+
+    def key(self, module):
+        """The lane of calls into `module` (None: the pool); a lane is made when first used."""
+        if any(fnmatchcase(module, p) for p in self._serial):
+            return "ksrpc-serial"
+        top = module.partition(".")[0]
+        if top in self._POOL_PACKAGES or any(fnmatchcase(top, p) or fnmatchcase(module, p) for p in self._parallel):
+            return None
+        return f"ksrpc-lane-{top}"
+
+    def get(self, key):
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the executor is closed")
+            lane = self._lanes.get(key)
+            if lane is None:
+                lane = self._lanes[key] = _Lane(key)
+            return lane
+
+    def stop(self):
+        with self._lock:
+            self._stopped = True
+            lanes, self._lanes = list(self._lanes.values()), {}
+        for lane in lanes:
+            lane.stop()
 
 
 class _CallState:
@@ -1186,10 +1269,10 @@ class _Ctx:
 # ---------------------------------------------------------------------------
 
 class _Handle:
-    __slots__ = ("user", "gen", "serial", "last", "busy", "closing")
+    __slots__ = ("user", "gen", "lane", "last", "busy", "closing")
 
-    def __init__(self, user, gen, serial):
-        self.user, self.gen, self.serial, self.last = user, gen, serial, time.monotonic()
+    def __init__(self, user, gen, lane):
+        self.user, self.gen, self.lane, self.last = user, gen, lane, time.monotonic()
         self.busy = False  # a call is advancing it (a generator runs one step at a time)
         self.closing = False  # closed while busy: dropped when that call releases it
 
@@ -1209,7 +1292,7 @@ class _Handles:
         old = [k for k, h in self._items.items() if now - h.last > self._ttl and not h.busy]
         return [self._items.pop(k) for k in old]
 
-    def add(self, user, gen, serial):
+    def add(self, user, gen, lane):
         with self._lock:
             dropped = self._expire(time.monotonic())
             idle = [k for k, h in self._items.items() if h.user == user and not h.busy]
@@ -1225,7 +1308,7 @@ class _Handles:
                 hid = 0
                 while hid == 0 or hid in self._items:
                     hid = secrets.randbits(63)
-                self._items[hid] = _Handle(user, gen, serial)
+                self._items[hid] = _Handle(user, gen, lane)
         del dropped  # generators are finalized here, outside the lock
         if gen is None:
             raise RuntimeError(f"too many open generators: all {self._cap} of this user's generator "
@@ -1298,23 +1381,24 @@ class Executor:
     """Runs ksrpc 0.8.1 calls for the Rust server; `handle` is called from many threads."""
 
     def __init__(self, *, unpickle_allow=(), allow_code=False, handle_ttl=600.0, handle_cap=64,
-                 call_timeout=600.0, serial_modules=()):
+                 call_timeout=600.0, serial_modules=(), parallel_modules=(), lend=None):
         """unpickle_allow: extra "module:name" / "module:*" globals a request may name;
         allow_code: accept dill code objects from users whose rules allow builtins;
         handle_ttl (s) / handle_cap (per user): generator handles; call_timeout (s): how long a
-        coroutine or serial call may take; serial_modules: fnmatch patterns of modules whose
-        calls run on one dedicated thread."""
+        call may take; parallel_modules / serial_modules: see `_Lanes`; lend: called (no
+        arguments) when a pool thread is about to wait for a busy lane, so the pool can add a
+        thread for the other packages' calls meanwhile."""
         exact, wild = _parse_allow(DEFAULT_UNPICKLE_ALLOW + tuple(unpickle_allow))
         self._policy = _Policy(exact, wild, bool(allow_code))
         from ksrpc.client import RpcCall, RpcClient, _Self  # the stand-ins, or the real package
         self._RpcCall, self._RpcClient, self._Self = RpcCall, RpcClient, _Self
         self._call_timeout = float(call_timeout)
-        self._serial_patterns = tuple(serial_modules)
+        self._lanes = _Lanes(parallel_modules, serial_modules)
+        self._lend = lend
         self._handles = _Handles(handle_ttl, handle_cap)
         self._calls = {}  # call_id -> _CallState, for cancel()
         self._lock = threading.Lock()
         self._closed = False
-        self._serial = _SerialWorker("ksrpc-serial") if self._serial_patterns else None
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._run_loop, name="ksrpc-asyncio", daemon=True)
         self._loop_thread.start()
@@ -1384,7 +1468,6 @@ class Executor:
             module, calls, ref_id = _validate(dict(module=module, calls=calls, ref_id=ref_id),
                                               (self._RpcCall, self._RpcClient))
             ctx = _Ctx(user, rules, state, time.monotonic() + self._call_timeout)
-            serial = self._serial is not None and self._is_serial(module)
             if ref_id:
                 if len(calls) == 1 and calls[0].name == "close" and not calls[0].args and not calls[0].kwargs:
                     # CloseHandle: the chain `<handle>.close()` frees it (only the owner's),
@@ -1395,12 +1478,9 @@ class Executor:
                     return "ok", self._advance(ctx, ref_id)
                 except StopAsyncIteration:
                     return "exhausted", None
-            if serial:
-                result = self._wait(ctx, self._serial.submit(self._resolve, ctx, module, calls))
-            else:
-                result = self._resolve(ctx, module, calls)
+            result = self._resolve(ctx, module, calls)
             if isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)):
-                return "handle", self._handles.add(ctx.user, result, serial)
+                return "handle", self._handles.add(ctx.user, result, self._lanes.key(module))
             self._check_reached(ctx, result)
             return "ok", result
         except BaseException as e:
@@ -1430,7 +1510,7 @@ class Executor:
                 fut.cancel()
 
     def close(self) -> None:
-        """Cancel the loop's tasks, stop the loop and the serial thread, drop the handles."""
+        """Cancel the loop's tasks, stop the loop and the lanes, drop the handles."""
         if self._closed:
             return
         self._closed = True
@@ -1450,8 +1530,7 @@ class Executor:
         self._loop_thread.join(5)
         if not self._loop_thread.is_alive():
             self._loop.close()
-        if self._serial is not None:
-            self._serial.stop()
+        self._lanes.stop()
 
     # -- one call --------------------------------------------------------------
     def _bad_reply(self, exc, msg):
@@ -1459,20 +1538,15 @@ class Executor:
         cls = next((c for c in keep if isinstance(exc, c)), ValueError)
         return error_reply("?", cls(msg), "")
 
-    def _is_serial(self, module):
-        return any(fnmatchcase(module, p) for p in self._serial_patterns)
-
     def _execute(self, ctx, module, calls, ref_id):
         echo = ()
         if ref_id and any(c.name in _ADVANCE for c in calls):
             result = self._advance(ctx, ref_id)  # the chain that made the generator is not re-run
-        elif self._serial is not None and self._is_serial(module):
-            result = self._wait(ctx, self._serial.submit(self._resolve, ctx, module, calls))
         else:
             result = self._resolve(ctx, module, calls)
         new_ref = 0
         if isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)):
-            new_ref = self._handles.add(ctx.user, result, self._serial is not None and self._is_serial(module))
+            new_ref = self._handles.add(ctx.user, result, self._lanes.key(module))
             result = None
             # names only: the client appends __anext__ and sends them back; big arguments stay here
             echo = [self._RpcCall(c.name, None, None) for c in calls]
@@ -1484,10 +1558,8 @@ class Executor:
         try:
             if isinstance(h.gen, types.AsyncGeneratorType):
                 value = self._await(ctx, h.gen.__anext__())
-            elif h.serial:
-                value = self._wait(ctx, self._serial.submit(next, h.gen))
             else:
-                value = _call(next, (h.gen,), _NO_KWARGS)
+                value = self._in_lane(ctx, h.lane, next, (h.gen,))
         except (StopIteration, StopAsyncIteration):
             self._handles.drop(hid)
             raise StopAsyncIteration() from None  # the 0.8.1 client ends iteration on it
@@ -1509,6 +1581,20 @@ class Executor:
             return value
         raise value
 
+    def _in_lane(self, ctx, lane, fn, args, kwargs=_NO_KWARGS):
+        """`fn(*args, **kwargs)` in lane `lane` (a `_Lanes` key), or here when it is None."""
+        if lane is None:
+            return _call(fn, args, kwargs)
+        worker = self._lanes.get(lane)
+        fut, busy = worker.submit(fn, args, kwargs)
+        if busy and self._lend is not None:
+            self._lend()
+        try:
+            return self._wait(ctx, fut)
+        except BaseException:
+            worker.interrupt(fut)  # gave up waiting (timeout, cancel): free the lane if we can
+            raise
+
     def _wait(self, ctx, fut):
         """Wait for `fut` until the call's deadline or cancel(); short slices let injected
         exceptions (the server's own timeout) arrive promptly."""
@@ -1517,6 +1603,9 @@ class Executor:
             if ctx.state.cancelled:
                 fut.cancel()
             while True:
+                if ctx.state.cancelled:
+                    fut.cancel()
+                    raise RuntimeError("the call was cancelled")
                 remaining = ctx.deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"the call took longer than {self._call_timeout:g} s")
@@ -1566,12 +1655,13 @@ class Executor:
 
     def _resolve(self, ctx, module, calls, as_argument=False):
         obj = self._import(ctx, module)
+        lane = self._lanes.key(module)  # where the chain's attribute lookups and calls run
         reached = [module]  # the modules the chain passed through, each allowed by the rules
         for c in calls:
             if ctx.state.cancelled:
                 raise RuntimeError("the call was cancelled")
             if c.name:  # an empty name is skipped, as in 0.8.1
-                obj = self._step(ctx, obj, c, reached)
+                obj = self._step(ctx, obj, c, reached, lane)
                 if inspect.ismodule(obj):
                     reached.append(obj.__name__)
         if as_argument and not ctx.builtins and callable(obj) and type(obj) is not _StubCall:
@@ -1580,7 +1670,7 @@ class Executor:
             _capability.check_call(ctx.rules, ctx.user, obj, reached, f"{what} (passed as an argument)")
         return obj
 
-    def _step(self, ctx, obj, c, reached):
+    def _step(self, ctx, obj, c, reached, lane):
         name = c.name
         if _is_dunder(name) and name not in SAFE_DUNDERS and not ctx.builtins:
             raise PermissionError(f"attribute {name!r} is refused: the rules of user {ctx.user!r} do not allow "
@@ -1593,7 +1683,7 @@ class Executor:
             # past the dunder and module checks.
             raise PermissionError(f"{name!r} is refused: the rules of user {ctx.user!r} do not allow 'builtins'")
         is_builtin = False
-        value = _call(getattr, (obj, name, _MISSING), _NO_KWARGS)  # 1. attribute (a property runs code)
+        value = self._in_lane(ctx, lane, getattr, (obj, name, _MISSING))  # 1. attribute (a property runs code)
         if value is _MISSING and inspect.ismodule(obj):  # 2. submodule, or the stub of the module
             value = _stub_function(obj) if name == "generate_stub" else self._submodule(ctx, obj, name)
         if value is _MISSING:  # 3. a builtin
@@ -1620,7 +1710,7 @@ class Executor:
                             f"demo.LIST.len(Self); {name!r} is not a builtin")
         if not (callable(value) or name.endswith("__call__")):
             return value  # arguments to a non-callable are ignored, as in 0.8.1
-        result = _call(value, args, kwargs)
+        result = self._in_lane(ctx, lane, value, args, kwargs)
         if isinstance(result, collections.abc.Coroutine):  # not asyncio.iscoroutine: it accepts generators
             result = self._await(ctx, result)
         self._check_reached(ctx, result)

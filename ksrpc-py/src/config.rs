@@ -35,9 +35,16 @@ pub struct PythonConfig {
     /// whose rules allow `builtins`. Off by default: dill code from another
     /// Python minor can crash the interpreter.
     pub allow_code: bool,
-    /// `fnmatch` patterns of modules whose calls all run on one dedicated
-    /// thread (SDKs that keep their session in thread-locals).
+    /// `fnmatch` patterns of modules whose calls all share one dedicated
+    /// thread (several packages that share one session); wins over
+    /// `parallel_modules`.
     pub serial_modules: Vec<String>,
+    /// `fnmatch` patterns of top-level packages (or modules) whose calls run
+    /// in parallel on the pool. Every other third-party package gets a lane:
+    /// its calls run one at a time on a thread of its own, so an SDK that
+    /// keeps one connection is never called from two threads at once. The
+    /// standard library and the `ksrpc` package always run on the pool.
+    pub parallel_modules: Vec<String>,
     /// Largest pickled reply in bytes; a bigger result becomes a 500 reply.
     pub max_reply_bytes: u64,
 }
@@ -56,6 +63,7 @@ impl Default for PythonConfig {
             unpickle_allow: Vec::new(),
             allow_code: false,
             serial_modules: Vec::new(),
+            parallel_modules: Vec::new(),
             max_reply_bytes: 1 << 30,
         }
     }

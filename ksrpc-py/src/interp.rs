@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyCFunction, PyDict, PyList};
 
 use crate::{PythonConfig, StartError};
 
@@ -79,7 +79,14 @@ pub enum Host {
 /// Starts the interpreter (a no-op when already running, e.g. when loaded
 /// into a Python process), sets up `sys.path` and returns the executor
 /// object of `ksrpc_executor.py`.
-pub fn start(config: &PythonConfig, host: Host) -> Result<Py<PyAny>, StartError> {
+///
+/// `lend` is called (from a pool thread, attached) when a call is about to
+/// wait for its package's busy lane: the pool should add a thread meanwhile.
+pub fn start(
+    config: &PythonConfig,
+    host: Host,
+    lend: impl Fn() + Send + Sync + 'static,
+) -> Result<Py<PyAny>, StartError> {
     Python::initialize();
     let venv = match host {
         Host::Embedded => config.venv.clone().or_else(|| std::env::var_os("VIRTUAL_ENV").map(PathBuf::from)),
@@ -137,6 +144,17 @@ pub fn start(config: &PythonConfig, host: Host) -> Result<Py<PyAny>, StartError>
         kwargs.set_item("handle_cap", config.handle_cap).map_err(py_err)?;
         kwargs.set_item("call_timeout", config.call_timeout).map_err(py_err)?;
         kwargs.set_item("serial_modules", PyList::new(py, &config.serial_modules).map_err(py_err)?).map_err(py_err)?;
+        kwargs
+            .set_item("parallel_modules", PyList::new(py, &config.parallel_modules).map_err(py_err)?)
+            .map_err(py_err)?;
+        let lend = PyCFunction::new_closure(
+            py,
+            Some(c"lend"),
+            Some(c"Asks the pool for a thread while this one waits for a busy lane."),
+            move |_args, _kwargs| lend(),
+        )
+        .map_err(py_err)?;
+        kwargs.set_item("lend", lend).map_err(py_err)?;
         let executor = module.getattr("Executor").and_then(|cls| cls.call((), Some(&kwargs))).map_err(py_err)?;
         Ok(executor.unbind())
     })

@@ -104,6 +104,9 @@ enum Control {
     Timeout(u64),
     /// The client went away: cancel a pending coroutine.
     Cancel(u64),
+    /// A pool thread waits for a busy lane (see the executor's `_Lanes`):
+    /// add a thread so calls into other packages need not wait for it.
+    Lend,
 }
 
 struct Shared {
@@ -166,8 +169,9 @@ impl PyExecutor {
     }
 
     fn start_in(config: PythonConfig, host: Host) -> Result<Self, StartError> {
-        let executor = interp::start(&config, host)?;
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let lender = control_tx.clone();
+        let executor = interp::start(&config, host, move || drop(lender.send(Control::Lend)))?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let shared = Arc::new(Shared {
             executor,
@@ -445,6 +449,16 @@ fn control_loop(shared: &Arc<Shared>, rx: &Receiver<Control>) {
         let (id, timeout) = match msg {
             Control::Timeout(id) => (id, true),
             Control::Cancel(id) => (id, false),
+            Control::Lend => {
+                // The waiting thread finishes its call later and the pool
+                // shrinks back to size then (see `worker_loop`).
+                if shared.workers.load(Ordering::SeqCst) < shared.config.threads.max(1) + MAX_EXTRA_THREADS {
+                    if let Err(e) = spawn_worker(shared) {
+                        tracing::error!("spawning a Python thread for a call waiting on its lane: {e}");
+                    }
+                }
+                continue;
+            }
         };
         let stuck = Python::attach(|py| {
             if let Err(e) = shared.executor.bind(py).call_method1("cancel", (id,)) {

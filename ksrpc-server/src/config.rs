@@ -179,8 +179,11 @@ pub struct PythonSection {
     pub unpickle_allow: Vec<String>,
     /// Accept dill code (lambdas) from users allowed `builtins`.
     pub allow_code: bool,
-    /// Patterns of modules whose calls run on one dedicated thread.
+    /// Patterns of modules whose calls all share one dedicated thread.
     pub serial_modules: Vec<String>,
+    /// Patterns of packages whose calls run in parallel (every other
+    /// third-party package runs one call at a time).
+    pub parallel_modules: Vec<String>,
 }
 
 impl Default for PythonSection {
@@ -193,6 +196,7 @@ impl Default for PythonSection {
             unpickle_allow: Vec::new(),
             allow_code: false,
             serial_modules: Vec::new(),
+            parallel_modules: Vec::new(),
         }
     }
 }
@@ -384,6 +388,7 @@ impl Config {
             unpickle_allow: self.python.unpickle_allow.clone(),
             allow_code: self.python.allow_code,
             serial_modules: self.python.serial_modules.clone(),
+            parallel_modules: self.python.parallel_modules.clone(),
             max_reply_bytes: self.limits.max_reply_bytes,
         }
     }

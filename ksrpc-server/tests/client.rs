@@ -68,6 +68,7 @@ rules = ["allow ksrpc.server.demo", "allow bench_mod", "allow capsdk", "deny cap
 venv = {venv:?}
 path = [{modules:?}]
 threads = {threads}
+parallel_modules = ["bench_mod"]
 {extra}
 "#,
                 ADMIN.1, LIMITED.1

@@ -3,7 +3,7 @@ unmodified 0.8.1 client over HTTP and over WebSocket (fixture ``transport``).
 
 Server-side names used: ``ksrpc.server.demo`` (the original's demo module),
 ``builtins``, ``numpy``, ``copy``, ``functools``, ``asyncio``, ``json``,
-``sqlite3``, ``os`` (admin only).
+``sqlite3``, ``os``, ``fakesdk`` (admin only).
 """
 from __future__ import annotations
 
@@ -332,6 +332,24 @@ def test_gather_many(conn):
             lazy = demo_of(conn, lazy=True)
             got = await asyncio.gather(*[lazy.add(i, i).collect() for i in range(20)])
             assert got == [2 * i for i in range(20)]
+
+    run(main())
+
+
+def test_concurrent_calls_into_a_thread_unsafe_sdk_do_not_mix_answers(connect, settings):
+    # fakesdk keeps one "connection" as jqdatasdk-style SDKs do; by default the
+    # server runs one call into a package at a time (python.parallel_modules
+    # opts a package out; tests/tests/fairness.rs shows the mix-up then).
+    async def main():
+        conns = [connect(settings.admin_user, settings.admin_password) for _ in range(4)]
+        for c in conns:
+            await c.__aenter__()
+        try:
+            got = await asyncio.gather(*[RpcClient("fakesdk", c).query(i, 0.5) for i, c in enumerate(conns)])
+        finally:
+            for c in conns:
+                await c.__aexit__(None, None, None)
+        assert got == [0, 1, 2, 3]
 
     run(main())
 

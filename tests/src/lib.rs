@@ -27,8 +27,15 @@ pub fn server_modules() -> PathBuf {
 
 /// An executor on the embedded interpreter with the test venv.
 pub fn executor(tweak: impl FnOnce(&mut PythonConfig)) -> PyExecutor {
-    let mut config =
-        PythonConfig { venv: Some(test_venv()), path: vec![server_modules()], threads: 4, ..PythonConfig::default() };
+    // bench_mod is thread-safe and the pool's tests (fairness, timeouts)
+    // need its calls to run at once; the lanes have their own tests.
+    let mut config = PythonConfig {
+        venv: Some(test_venv()),
+        path: vec![server_modules()],
+        threads: 4,
+        parallel_modules: vec!["bench_mod".into()],
+        ..PythonConfig::default()
+    };
     tweak(&mut config);
     PyExecutor::start(config).expect("the executor starts")
 }

@@ -115,3 +115,73 @@ async fn stuck_calls_are_charged_to_their_user_and_others_are_still_served() {
     assert!(a_again.starts_with("500"), "{a_again}");
     assert_eq!(add_as(&ex, "b").await, "200 3");
 }
+
+/// Calls `fakesdk.<name>(args)` as `who`, counting it in `finished` when it
+/// returns.
+fn sdk_call(
+    ex: &Arc<PyExecutor>,
+    who: &str,
+    name: &str,
+    args: &str,
+    finished: &Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<String> {
+    let (ex, who, finished) = (ex.clone(), user(who, &["allow *"]), finished.clone());
+    let payload = request("", "fakesdk", &call(name, args), 0);
+    tokio::spawn(async move {
+        let reply = ex.call_compat(CompatRequest { user: who, payload }).await.expect("accepted");
+        finished.fetch_add(1, Ordering::SeqCst);
+        let s = seen(&reply.body);
+        format!("{} {}", s.status, s.data)
+    })
+}
+
+/// Four users ask the thread-unsafe fake SDK for 1..=4 at once and get
+/// their answers back; `(wrong answers, replies)`.
+async fn four_sdk_queries(ex: &Arc<PyExecutor>) -> (usize, Vec<String>) {
+    let finished = Arc::new(AtomicUsize::new(0));
+    let calls: Vec<_> =
+        (1..=4).map(|i| sdk_call(ex, &format!("u{i}"), "query", &format!("({i}, 1.0)"), &finished)).collect();
+    let mut replies = Vec::new();
+    for c in calls {
+        replies.push(c.await.expect("the call task"));
+    }
+    let wrong = replies.iter().enumerate().filter(|(i, r)| **r != format!("200 {}", i + 1)).count();
+    (wrong, replies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_unsafe_sdk_is_called_one_call_at_a_time_by_default() {
+    let ex = Arc::new(executor(|c| c.threads = 8));
+    let (wrong, replies) = four_sdk_queries(&ex).await;
+    assert_eq!(wrong, 0, "concurrent calls into one package must not overlap: {replies:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_opted_into_parallel_modules_is_called_from_many_threads() {
+    // What the default prevents: the same four calls, the package opted
+    // into the pool, read each other's answers.
+    let ex = Arc::new(executor(|c| {
+        c.threads = 8;
+        c.parallel_modules.push("fakesdk".into());
+    }));
+    let (wrong, replies) = four_sdk_queries(&ex).await;
+    assert!(wrong > 0, "expected overlapping calls to read each other's answers: {replies:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_lane_does_not_take_the_pool_from_other_packages() {
+    // Pool 4, cap 2 per user: a and b each send two slow SDK calls. One
+    // runs in the SDK's lane and three pool threads wait for it; without a
+    // thread lent for each wait, c's call into another package would wait
+    // for the first SDK call to end.
+    let ex = Arc::new(executor(|c| c.threads = 4));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let calls: Vec<_> = ["a", "a", "b", "b"].iter().map(|u| sdk_call(&ex, u, "block", "(3.0,)", &finished)).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = tokio::time::timeout(Duration::from_secs(60), add_as(&ex, "c")).await;
+    assert_eq!(c.as_deref().ok(), Some("200 3"));
+    assert_eq!(finished.load(Ordering::SeqCst), 0, "c waited for an SDK call to end");
+    for c in calls {
+        c.abort();
+    }
+}

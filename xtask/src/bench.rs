@@ -106,14 +106,16 @@ fn start_original(env: &Env, venv_python: &Path, dir: &Path) -> Result<(Original
 /// wheel's (its interpreter has the packages; modules come by PYTHONPATH).
 fn our_config(env: &Env, dir: &Path, embedded: bool) -> Result<PathBuf> {
     let file = dir.join(if embedded { "ours.toml" } else { "ours-wheel.toml" });
+    // bench_mod is thread-safe: its calls run in parallel, as the
+    // original's concurrent benchmark rows assume.
     let python = if embedded {
         format!(
-            "[python]\nvenv = \"{}\"\npath = [\"{}\"]\n",
+            "[python]\nvenv = \"{}\"\npath = [\"{}\"]\nparallel_modules = [\"bench_mod\"]\n",
             env.server_venv.display(),
             root().join("tests/python/server_modules").display()
         )
     } else {
-        String::new()
+        String::from("[python]\nparallel_modules = [\"bench_mod\"]\n")
     };
     std::fs::write(
         &file,

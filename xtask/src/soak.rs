@@ -113,6 +113,7 @@ call_timeout = 60.0
 venv = "{}"
 path = ["{}"]
 threads = 8
+parallel_modules = ["bench_mod"]  # thread-safe; the flood is about the pool
 "#,
             ADMIN.1,
             VICTIM.1,

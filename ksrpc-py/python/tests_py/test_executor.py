@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 import uuid
 from collections import OrderedDict
@@ -120,6 +121,45 @@ def gated_gen():
 
 def thread_name():
     return threading.current_thread().name
+
+
+LANE = f"ksrpc-lane-{MOD.partition('.')[0]}"  # the lane of this module's package
+LANE_ENTERED, LANE_GATE = threading.Event(), threading.Event()
+SPIN = {"interrupted": False}
+ASYNC_MET = []
+
+
+def block_lane():
+    """Holds this package's lane until the test opens LANE_GATE."""
+    LANE_ENTERED.set()
+    LANE_GATE.wait(10)
+    return threading.current_thread().name
+
+
+def spin(seconds):
+    """Pure Python work: an asynchronous exception (the lane's interrupt) reaches it."""
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            pass
+    except TimeoutError:
+        SPIN["interrupted"] = True
+        raise
+    return "finished"
+
+
+async def meet_async(n):
+    """Returns once n coroutines are inside it at the same time."""
+    ASYNC_MET.append(1)
+    for _ in range(500):
+        if len(ASYNC_MET) >= n:
+            return len(ASYNC_MET)
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the other coroutines never arrived")
+
+
+def thread_gen():
+    yield threading.current_thread().name
 
 
 def identity(x):
@@ -801,19 +841,98 @@ class ThreadTest(ExecutorTest):
         return results
 
     def test_blocking_calls_run_concurrently(self):
+        ex = self.make(parallel_modules=[MOD])  # opted into the pool
         BARRIER.reset()
         results = self.run_in_threads(
-            lambda i: self.ex.handle(1000 + i, "alice", HELPERS, request(MOD, call("meet_at_barrier"))), 3)
+            lambda i: ex.handle(1000 + i, "alice", HELPERS, request(MOD, call("meet_at_barrier"))), 3)
         for status, bad, reply, _, _ in results:
             self.assertEqual((status, bad), (200, None), pickle.loads(reply).get("traceback"))
         self.assertEqual(sorted(pickle.loads(r[2])["data"] for r in results), [0, 1, 2])
 
+    def test_a_package_runs_one_call_at_a_time_on_its_lane(self):
+        BARRIER.reset()
+        results = self.run_in_threads(
+            lambda i: self.ex.handle(1100 + i, "alice", HELPERS, request(MOD, call("meet_at_barrier"))), 3)
+        for status, _, reply, _, _ in results:  # one at a time, so no two ever meet
+            self.assertEqual(status, 500)
+            self.assertIn("BrokenBarrierError", str(pickle.loads(reply)["data"]))
+        names = self.run_in_threads(lambda i: pickle.loads(self.ex.handle(
+            1200 + i, "alice", HELPERS, request(MOD, call("thread_name")))[2])["data"], 3)
+        self.assertEqual(set(names), {LANE})
+        # The standard library and the demo run on the calling (pool) thread.
+        here = self.ok(request("threading", call("current_thread"), call("name")))
+        self.assertEqual(here, threading.current_thread().name)
+        self.assertEqual(self.ok(request(DEMO, call("add", 1, 2)), LIMITED), 3)
+
+    def test_parallel_and_serial_patterns_choose_the_thread(self):
+        lanes = kx._Lanes(parallel=["numpy", "bench_*"], serial=["jqdatasdk.finance"])
+        self.assertIsNone(lanes.key("numpy.linalg"))
+        self.assertIsNone(lanes.key("bench_mod"))
+        self.assertIsNone(lanes.key("os.path"))
+        self.assertIsNone(lanes.key("ksrpc.server.demo"))
+        self.assertEqual(lanes.key("jqdatasdk"), "ksrpc-lane-jqdatasdk")
+        self.assertEqual(lanes.key("jqdatasdk.alpha101"), "ksrpc-lane-jqdatasdk")
+        self.assertEqual(lanes.key("jqdatasdk.finance"), "ksrpc-serial")
+        self.assertEqual(kx._Lanes(parallel=["jq*"], serial=["jq*"]).key("jqdatasdk"), "ksrpc-serial")
+
+    def test_a_busy_lane_holds_neither_other_packages_nor_coroutines(self):
+        other = types.ModuleType("lanes_other_pkg")
+        other.thread_name = thread_name
+        sys.modules["lanes_other_pkg"] = other
+        self.addCleanup(sys.modules.pop, "lanes_other_pkg", None)
+        LANE_ENTERED.clear()
+        LANE_GATE.clear()
+        self.addCleanup(LANE_GATE.set)
+        blocked = threading.Thread(target=lambda: self.ok(request(MOD, call("block_lane"))))
+        blocked.start()
+        self.assertTrue(LANE_ENTERED.wait(10))
+        self.assertEqual(self.ok(request("lanes_other_pkg", call("thread_name"))), "ksrpc-lane-lanes_other_pkg")
+        ASYNC_MET.clear()
+        met = self.run_in_threads(lambda i: self.ok(request(MOD, call("meet_async", 2))), 2)
+        self.assertEqual(sorted(met), [2, 2])  # both coroutines ran at once, the lane still held
+        LANE_GATE.set()
+        blocked.join(10)
+
+    def test_waiting_for_a_busy_lane_asks_the_pool_for_a_thread(self):
+        lends = []
+        ex = self.make(lend=lambda: lends.append(threading.current_thread().name))
+        self.assertEqual(self.ok(request(MOD, call("thread_name")), ex=ex), LANE)
+        self.assertEqual(lends, [], "an idle lane needs no extra thread")
+        LANE_ENTERED.clear()
+        LANE_GATE.clear()
+        self.addCleanup(LANE_GATE.set)
+        blocked = threading.Thread(target=lambda: self.ok(request(MOD, call("block_lane")), ex=ex))
+        blocked.start()
+        self.assertTrue(LANE_ENTERED.wait(10))
+        waiter = threading.Thread(target=lambda: self.ok(request(MOD, call("thread_name")), ex=ex), name="waiter")
+        waiter.start()
+        for _ in range(1000):
+            if lends:
+                break
+            time.sleep(0.01)
+        self.assertEqual(lends, ["waiter"])
+        LANE_GATE.set()
+        blocked.join(10)
+        waiter.join(10)
+
+    def test_a_call_over_its_timeout_is_interrupted_and_frees_the_lane(self):
+        ex = self.make(call_timeout=0.5)
+        SPIN["interrupted"] = False
+        self.error(request(MOD, call("spin", 60)), HELPERS, TimeoutError, "0.5", ex=ex)
+        self.assertEqual(self.ok(request(MOD, call("thread_name")), ex=ex), LANE)
+        self.assertTrue(SPIN["interrupted"], "the lane's thread was interrupted, not left spinning")
+
+    def test_generators_of_a_laned_package_advance_on_its_lane(self):
+        status, _, d, _ = self.send(request(MOD, call("thread_gen")), HELPERS)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.ok(request(MOD, *d["calls"], call("__anext__"), ref_id=d["ref_id"]), HELPERS), LANE)
+
     def test_serial_modules_run_on_one_thread(self):
-        ex = self.make(serial_modules=[MOD])
+        ex = self.make(serial_modules=[MOD], parallel_modules=[MOD])  # serial wins
         names = self.run_in_threads(lambda i: pickle.loads(ex.handle(
             2000 + i, "alice", HELPERS, request(MOD, call("thread_name")))[2])["data"], 3)
         self.assertEqual(set(names), {"ksrpc-serial"})
-        self.assertNotEqual(self.ok(request(MOD, call("thread_name")), HELPERS), "ksrpc-serial")
+        self.assertEqual(self.ok(request(MOD, call("thread_name")), HELPERS), LANE)
 
     def test_serial_generator_and_exit(self):
         ex = self.make(serial_modules=[MOD])
