@@ -16,12 +16,19 @@
 //! | opcodes | argument | bound |
 //! | --- | --- | --- |
 //! | `PUT`, `BINPUT`, `LONG_BINPUT` | memo index (the C memo is an array of 2 x index pointers) | at most the number of memo puts before it (what every pickler writes) |
-//! | `FRAME` | frame length | at most the bytes left |
+//! | `FRAME` | frame length | at most the bytes left; not inside another frame |
 //! | `BINBYTES*`, `BINUNICODE*`, `BYTEARRAY8`, `SHORT_*`, `BINSTRING`, `LONG1`, `LONG4` | byte count (read into a buffer allocated first) | at most the bytes left |
 //! | `MARK`, `MEMOIZE`, every push | one slot each | the pickle's length |
 //!
 //! Text opcodes (`INT`, `LONG`, `FLOAT`, `STRING`, `UNICODE`, `GET`, `PUT`)
 //! read a line that is already in the pickle.
+//!
+//! Frames: the C unpickler reads a frame into a buffer, and an opcode whose
+//! arguments run past the frame's end is not read straight through: the
+//! bytes left in the buffer are dropped and the argument is read from the
+//! bytes after them (a `LONG_BINPUT` index of 0 becomes 0x014B0000 and a
+//! 347 MB memo). Every opcode must therefore end within its frame, as the
+//! pure-Python unpickler also requires.
 
 /// What the scan knows about a stack item.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,16 +111,24 @@ fn scan(pickle: &[u8]) -> Option<bool> {
         let m = marks.pop()?;
         (m <= stack.len()).then(|| stack.split_off(m))
     };
+    // Where the current frame ends (None: outside any frame).
+    let mut frame_end: Option<usize> = None;
     loop {
+        if frame_end == Some(r.at) {
+            frame_end = None;
+        }
         let op = r.take(1)?[0];
         match op {
             b'.' => return Some(true), // STOP
             0x95 => {
-                // FRAME: a length beyond the bytes left is no real pickle
+                // FRAME: a length beyond the bytes left is no real pickle, and
+                // a frame starts only where the last one ended.
                 let len = r.uint(8)?;
-                if len > (pickle.len() - r.at) as u64 {
+                if frame_end.is_some() || len > (pickle.len() - r.at) as u64 {
                     return Some(false);
                 }
+                frame_end = Some(r.at + usize::try_from(len).ok()?);
+                continue;
             }
             b'(' => marks.push(stack.len()),
             // Literals.
@@ -258,6 +273,9 @@ fn scan(pickle: &[u8]) -> Option<bool> {
             // Persistent ids and anything unknown: not for the fast path.
             _ => return Some(false),
         }
+        if frame_end.is_some_and(|end| r.at > end) {
+            return Some(false); // the opcode ran past its frame's end
+        }
     }
 }
 
@@ -315,6 +333,23 @@ mod tests {
         // what picklers write: sequential indexes (and a re-put of an old one)
         assert!(mutations_stay_local(b"\x80\x04Nq\x00Nq\x01Nq\x00."));
         assert!(mutations_stay_local(b"\x80\x04Nr\x00\x00\x00\x00\x94."));
+    }
+
+    /// The C unpickler reads an argument that crosses its frame's end from
+    /// other bytes than the scan would; a frame inside a frame is refused too.
+    #[test]
+    fn opcodes_across_a_frame_end_are_careful() {
+        let frame = |len: u8| [0x95, len, 0, 0, 0, 0, 0, 0, 0];
+        let cross = [&b"\x80\x04N"[..], &frame(3), b"r\x00\x00\x00\x00K\x01."].concat();
+        assert!(!mutations_stay_local(&cross));
+        let exact = [&b"\x80\x04"[..], &frame(6), b"Nr\x00\x00\x00\x00."].concat();
+        assert!(mutations_stay_local(&exact));
+        let nested = [&b"\x80\x04"[..], &frame(11), &frame(1), b"N."].concat();
+        assert!(!mutations_stay_local(&nested));
+        let back_to_back = [&b"\x80\x04"[..], &frame(1), b"N", &frame(1), b"."].concat();
+        assert!(mutations_stay_local(&back_to_back));
+        let text_across = [&b"\x80\x04"[..], &frame(3), b"I12\n."].concat();
+        assert!(!mutations_stay_local(&text_across));
     }
 
     /// A FRAME longer than the bytes that follow is no real pickle.

@@ -96,6 +96,49 @@ fn a_big_memo_index_makes_the_c_unpickler_allocate_and_the_scan_refuses_it() {
     assert!(!mutations_stay_local(b"\x80\x04Nr\xff\xff\xff\x03."));
 }
 
+/// PROTO 4, N, then a FRAME of 3 bytes holding `r 00 00`: LONG_BINPUT's
+/// 4-byte index runs past the frame's end. Read straight through, the index
+/// is 0 and the pickle goes on `K <high>` `.`; CPython's C unpickler drops
+/// the 2 bytes left in its frame buffer and reads the index from the next 4
+/// bytes of the file instead, `00 00 4B <high>`: a memo index of
+/// `high << 24 | 0x4B0000` (and twice that many pointers allocated).
+fn index_across_a_frame_end(high: u8) -> Vec<u8> {
+    let mut p = b"\x80\x04N\x95\x03\x00\x00\x00\x00\x00\x00\x00r\x00\x00\x00\x00K".to_vec();
+    p.extend_from_slice(&[high, b'.']);
+    p
+}
+
+#[test]
+fn a_memo_index_across_a_frame_end_is_read_from_other_bytes_and_the_scan_refuses_it() {
+    let evil = index_across_a_frame_end(1); // index 0x014B0000: 347 MB of memo for 21 bytes
+    let peak = c_unpickler_peak(&evil);
+    assert!(peak > 100 << 20, "the C unpickler allocated only {peak} bytes: it reads frames differently now?");
+    assert!(!mutations_stay_local(&evil), "the scan read index 0 where the C unpickler reads 0x014B0000");
+    // An opcode that ends exactly at its frame's end is fine.
+    let framed = b"\x80\x04\x95\x07\x00\x00\x00\x00\x00\x00\x00Nr\x00\x00\x00\x00.";
+    assert!(mutations_stay_local(framed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_executor_does_not_allocate_for_a_memo_index_across_a_frame_end() {
+    let ex = python();
+    let nobody = user("nobody", &[]);
+    let warm = bytes::Bytes::from_static(b"\x80\x04N.");
+    let _ = ex.call_compat(CompatRequest { user: nobody.clone(), payload: warm }).await;
+    let before = rss_bytes();
+    reset_peak_rss();
+    for _ in 0..3 {
+        // index 0x034B0000: CPython's C unpickler would take 885 MB
+        let payload = bytes::Bytes::from(index_across_a_frame_end(3));
+        match ex.call_compat(CompatRequest { user: nobody.clone(), payload }).await {
+            Err(ExecError::BadRequest { message, .. }) => assert!(!message.is_empty()),
+            other => panic!("not a request, so a bad-request reply; got {other:?}"),
+        }
+    }
+    let grown = peak_rss_bytes().saturating_sub(before);
+    assert!(grown < 128 << 20, "peak RSS grew by {grown} bytes during the calls");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_executor_does_not_allocate_for_a_memo_index() {
     let ex = python();
