@@ -1510,10 +1510,18 @@ class Executor:
                 fut.cancel()
 
     def close(self) -> None:
-        """Cancel the loop's tasks, stop the loop and the lanes, drop the handles."""
+        """Stop the calls still waiting, cancel the loop's tasks, stop the loop and the lanes, drop the
+        handles."""
         if self._closed:
             return
         self._closed = True
+        with self._lock:
+            states = list(self._calls.values())
+        for state in states:  # calls still waiting (for a lane, a coroutine) stop waiting
+            state.cancelled = True
+            fut = state.future
+            if fut is not None:
+                fut.cancel()
         self._handles.clear()  # first, so async generators are finalized while the loop still runs
 
         async def shutdown():

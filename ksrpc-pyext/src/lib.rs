@@ -26,6 +26,8 @@ use pyo3::prelude::*;
 /// process's.
 static SERVING: AtomicBool = AtomicBool::new(false);
 static LOG_GUARD: OnceLock<Option<tracing_appender::non_blocking::WorkerGuard>> = OnceLock::new();
+/// The running server, for [`stop_at_exit`].
+static CURRENT: Mutex<Option<Arc<Inner>>> = Mutex::new(None);
 
 /// What `stop()` and the idle watcher share.
 struct Inner {
@@ -38,12 +40,18 @@ impl Inner {
     /// Stops the server, closes the executor and joins its threads; a no-op
     /// the second time. Must run detached (it takes the GIL itself).
     fn shutdown(&self) -> anyhow::Result<()> {
+        self.shutdown_within(self.grace)
+    }
+
+    /// [`shutdown`](Self::shutdown) with `grace` for the calls in flight
+    /// (zero: they are cut at once).
+    fn shutdown_within(&self, grace: Duration) -> anyhow::Result<()> {
         let Some(mut running) = self.running.lock().expect("running poisoned").take() else {
             return Ok(());
         };
-        let stopped = running.stop();
+        let stopped = if grace.is_zero() { running.stop_now() } else { running.stop() };
         self.executor.close(); // attaches itself
-        let stuck = self.executor.join(self.grace + Duration::from_secs(5));
+        let stuck = self.executor.join(grace + Duration::from_secs(5));
         if stuck > 0 {
             tracing::warn!(threads = stuck, "Python threads still blocked in a call after the grace period");
         }
@@ -186,6 +194,7 @@ fn start_inner(
     };
     let urls = running.urls();
     let inner = Arc::new(Inner { running: Mutex::new(Some(running)), executor, grace });
+    *CURRENT.lock().expect("current poisoned") = Some(inner.clone());
     if let Some(limit) = idle_timeout {
         watch_idle(inner.clone(), Duration::from_secs_f64(limit)).map_err(|e| PyOSError::new_err(e.to_string()))?;
     }
@@ -212,6 +221,20 @@ fn watch_idle(inner: Arc<Inner>, limit: Duration) -> std::io::Result<()> {
         .map(drop)
 }
 
+/// Stops the running server at once, if there is one: the calls in flight
+/// are answered that the server is shutting down and the pool's threads end
+/// before the interpreter finalizes (`ksrpc_rs` registers it with
+/// `atexit`). A pool thread that woke up during finalization would be ended
+/// by CPython (before 3.14) with `pthread_exit`, unwinding through Rust
+/// frames: a crash at exit.
+#[pyfunction]
+fn stop_at_exit(py: Python<'_>) -> PyResult<()> {
+    let Some(inner) = CURRENT.lock().expect("current poisoned").take() else {
+        return Ok(());
+    };
+    py.detach(move || inner.shutdown_within(Duration::ZERO)).map_err(|e| PyRuntimeError::new_err(format!("{e:#}")))
+}
+
 /// An argon2id hash of `password`, for `password_hash` in the config.
 #[pyfunction]
 fn hash_password(password: &str) -> PyResult<String> {
@@ -225,6 +248,7 @@ fn hash_password(password: &str) -> PyResult<String> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(start_server, m)?)?;
     m.add_function(wrap_pyfunction!(hash_password, m)?)?;
+    m.add_function(wrap_pyfunction!(stop_at_exit, m)?)?;
     m.add_class::<NativeServer>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

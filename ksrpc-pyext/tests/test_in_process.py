@@ -29,7 +29,8 @@ from ksrpc.connections.http import HttpConnection
 
 USERS = {"users": {"u": {"password": "pw", "rules": ["allow ksrpc.server.demo", "allow live_mod",
                                                         "allow bench_mod", "deny *"]}}}
-CONFIG = {"server": {"port": 0, "shutdown_grace": 5}, **USERS}
+# bench_mod is thread-safe: its barrier tests need two calls at once (other packages run one at a time).
+CONFIG = {"server": {"port": 0, "shutdown_grace": 5}, "python": {"parallel_modules": ["bench_mod"]}, **USERS}
 
 
 def call(url, module, name, *args, user="u", password="pw"):
@@ -306,6 +307,33 @@ def test_notebook_form_in_a_child_process():
     assert [line for line in out.stdout.splitlines() if "hi cell" in line] == ["0 hi cell", "1 hi cell"], out.stdout
     assert "two blocking calls at once: [True, True]" in out.stdout, out.stdout
     assert "idle stop: True False" in out.stdout, out.stdout
+
+
+def test_exiting_with_calls_in_flight_stops_the_server_first():
+    """The interpreter exits while a lane call and a coroutine still run: the server is stopped
+    at exit (atexit), so no pool thread wakes up into finalization (that crashed with SIGSEGV)."""
+    script = textwrap.dedent("""
+        import asyncio, json, sys
+        import ksrpc_rs
+        from ksrpc.client import RpcClient
+        from ksrpc.connections.http import HttpConnection
+        config = json.loads(sys.argv[1])
+        config["users"]["u"]["rules"] = ["allow fakesdk", "allow asyncio", "deny *"]
+        async def start(url, module, *args):
+            conn = HttpConnection(url, username="u", password="pw")
+            async with conn:
+                try:
+                    await asyncio.wait_for(getattr(RpcClient(module, conn), args[0])(*args[1:]), 0.5)
+                except asyncio.TimeoutError:
+                    return "left running"
+        srv = ksrpc_rs.serve(config)
+        print(asyncio.run(start(srv.url, "fakesdk", "block", 20)), flush=True)
+        print(asyncio.run(start(srv.url, "asyncio", "sleep", 20)), flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(CONFIG)], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=os.environ["KSRPC_TEST_SERVER_MODULES"]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("left running") == 2, out.stdout
 
 
 def test_ctrl_c_stops_a_blocking_serve():

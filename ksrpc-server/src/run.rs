@@ -95,6 +95,23 @@ impl Running {
         self.wait_thread()
     }
 
+    /// [`stop`](Self::stop) without the grace: the calls in flight are cut
+    /// at once (the host process is exiting).
+    pub fn stop_now(&mut self) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        if rt.block_on(drain(
+            &self.handle,
+            &self.executor,
+            self.grace,
+            std::future::ready("the host process is exiting"),
+        )) == Drained::Forced
+        {
+            // The connections still open are dropped with the process.
+            return Ok(());
+        }
+        self.wait_thread()
+    }
+
     /// Waits until the server stops by itself (a signal).
     pub fn wait(mut self) -> Result<()> {
         self.wait_thread()
@@ -141,8 +158,8 @@ async fn serve(
             tracing::info!(signal = first, "stopping (send the signal again to stop at once)");
             let second = async move {
                 tokio::select! {
-                    _ = term.recv() => "SIGTERM",
-                    _ = int.recv() => "SIGINT",
+                    _ = term.recv() => "second SIGTERM",
+                    _ = int.recv() => "second SIGINT",
                 }
             };
             if drain(&handle, &executor, grace, second).await == Drained::Forced {
@@ -201,8 +218,8 @@ async fn drain(
     };
     tokio::select! {
         () = &mut stopping => return Drained::Finished,
-        signal = &mut interrupt => {
-            cut(&format!("second {signal}: stopping at once"));
+        reason = &mut interrupt => {
+            cut(&format!("{reason}: stopping at once"));
             // A moment for the cut calls' answers to leave.
             tokio::time::sleep(Duration::from_millis(200)).await;
             return Drained::Forced;
@@ -211,8 +228,8 @@ async fn drain(
     }
     tokio::select! {
         () = &mut stopping => Drained::Finished,
-        signal = &mut interrupt => {
-            tracing::warn!(signal = signal, "second signal: stopping at once");
+        reason = &mut interrupt => {
+            tracing::warn!("{reason}: stopping at once");
             Drained::Forced
         }
     }

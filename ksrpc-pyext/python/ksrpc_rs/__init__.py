@@ -17,6 +17,7 @@ requests unpickle with its classes; elsewhere the server's own stand-ins are use
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -28,6 +29,9 @@ from . import _native
 __all__ = ["serve", "Server", "hash_password", "__version__"]
 __version__ = _native.__version__
 hash_password = _native.hash_password
+# A server still running when the interpreter exits is stopped first, its calls cut: a pool
+# thread must not wake up into the interpreter's finalization (see `stop_at_exit`).
+atexit.register(_native.stop_at_exit)
 
 
 class Server:
