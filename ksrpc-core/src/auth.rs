@@ -45,7 +45,10 @@ pub enum AuthError {
     #[error("too many logins in progress")]
     Busy,
     /// A stored password hash is not a valid PHC string.
-    #[error("invalid password hash for user {0:?}: {1}")]
+    #[error(
+        "users.{0}.password_hash is not an argon2 hash ({1}); make one with `ksrpc-server hash-password` \
+         (or `python -m ksrpc_rs hash-password`)"
+    )]
     BadHash(String, String),
 }
 

@@ -38,6 +38,11 @@ struct Cli {
 enum Command {
     /// Print an argon2id hash of a password read from stdin, for `password_hash`.
     HashPassword,
+    /// Load the configuration as start-up does (every key, the users'
+    /// password hashes and rules, the path, TLS files, the cache's ttl, the
+    /// venv) and print what would be served, without serving; exit 1 with
+    /// the first error.
+    Check,
     /// The result cache's disk tier (`[cache] path` of the config).
     Cache {
         #[command(subcommand)]
@@ -73,6 +78,9 @@ fn main() -> Result<()> {
     if let Some(Command::Cache { action }) = cli.command {
         return cache_command(&config, action);
     }
+    if let Some(Command::Check) = cli.command {
+        return check_command(&config);
+    }
     let (users, generated) = build_users(&config)?;
     if let Some(admin) = generated {
         // Printed once, to stderr, outside the log (logs never carry secrets).
@@ -93,6 +101,39 @@ fn main() -> Result<()> {
     // GIL, which no actix or tokio thread may hold.
     tracing::info!("stopped accepting calls; shutting the executor down");
     executor.close();
+    Ok(())
+}
+
+/// `ksrpc-server check`: what [`Config::load`] checks, the users as
+/// start-up builds them, and the venv; then a summary on stdout.
+fn check_command(config: &Config) -> Result<()> {
+    let (users, generated) = build_users(config)?;
+    if let Some(venv) = &config.python.venv {
+        if !venv.join("bin/python").exists() {
+            anyhow::bail!("python.venv {} has no bin/python", venv.display());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let scheme = if config.server.tls.is_some() { "https" } else { "http" };
+    let (host, port, path) = (&config.server.host, config.server.port, &config.server.path);
+    writeln!(out, "configuration OK")?;
+    writeln!(out, "would listen on {scheme}://{host}:{port}{path} (port 0: a free one)")?;
+    if generated.is_some() {
+        writeln!(out, "users: none configured; an admin with a random password is made at start-up (demo only)")?;
+    }
+    for user in users.users() {
+        let password = match user.source {
+            ksrpc_core::auth::PasswordSource::Hash => "password hash",
+            ksrpc_core::auth::PasswordSource::PlainText => "plain-text password (store a password_hash instead)",
+        };
+        writeln!(out, "user {}: {} rules, {password}", user.name, user.rules.rules().len())?;
+    }
+    let python = config.python();
+    writeln!(out, "python: {} threads; parallel packages {:?}", python.threads, python.parallel_modules)?;
+    if config.cache.enabled {
+        let tier = config.cache.path.as_ref().map_or_else(|| "memory only".to_owned(), |p| p.display().to_string());
+        writeln!(out, "cache: on ({tier}), {} ttl rules", config.cache.ttl.len())?;
+    }
     Ok(())
 }
 

@@ -200,3 +200,45 @@ fn bad_tls_files_are_refused_naming_the_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("key"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `check` loads a configuration as start-up would and reports without
+/// serving; each mistake is named (a hash that is no hash, a TLS file that
+/// is missing, a venv without Python).
+#[test]
+fn check_reports_a_configuration_without_serving_and_names_each_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str| {
+        let file = dir.path().join("ksrpc.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(BIN).args(["check", "--config"]).arg(&file).stdin(Stdio::null()).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let hash = "$argon2id$v=19$m=19456,t=2,p=1$Yio45EorN70QK8gNyLNZcQ$Qv9zTjtBr+/yPDGntQutc1MvBvul3ewtGQj4SGWJchA";
+    let good = format!(
+        "[server]\nport = 9999\n[users.a]\npassword_hash = \"{hash}\"\nrules = [\"allow x\", \"deny *\"]\n\
+         [python]\nparallel_modules = [\"numpy\"]\n"
+    );
+    let (code, out, err) = check(&good);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("configuration OK") && out.contains("http://127.0.0.1:9999/api/v1"), "{out}");
+    assert!(out.contains("user a: 2 rules, password hash") && out.contains("[\"numpy\"]"), "{out}");
+    assert!(!out.contains("listening"), "{out}");
+
+    let (code, _, err) = check(&good.replace(hash, "$argon2id$..."));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("users.a.password_hash is not an argon2 hash") && err.contains("hash-password"), "{err}");
+    let (code, _, err) =
+        check(&format!("{good}[server.tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("server.tls.cert"), "{err}");
+    let (code, _, err) = check(&good.replace("[python]\n", "[python]\nvenv = \"/nonexistent/venv\"\n"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("python.venv"), "{err}");
+    let (code, out, _) = check("[server]\nport = 0\n");
+    assert_eq!(code, Some(0));
+    assert!(out.contains("an admin with a random password"), "{out}");
+}

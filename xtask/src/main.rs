@@ -9,6 +9,7 @@ mod bench;
 mod floor;
 mod proxy;
 mod python;
+mod readme;
 mod rust_client;
 mod soak;
 mod suite;
@@ -28,6 +29,17 @@ fn main() -> Result<()> {
             let env = test::Env::prepare()?;
             wheel::build(&env).map(drop)
         }
+        Some("readme") => {
+            // The README step of `test` alone (the wheel venv of an earlier
+            // `test` run serves the notebook block).
+            let env = test::Env::prepare()?;
+            let wheel = Some(wheel::full_venv_python()).filter(|p| p.exists());
+            let (_, failed, _) = readme::run(&env, wheel.as_deref())?;
+            if failed > 0 {
+                bail!("{failed} README blocks failed");
+            }
+            Ok(())
+        }
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -40,7 +52,8 @@ fn main() -> Result<()> {
   \
                  fuzz   run each cargo-fuzz target for a bounded time (not in CI)\n  \
                  soak   [MINUTES] a bounded mixed load watching for wrong answers, starvation and growth\n  \
-                 wheel  build the ksrpc-rs wheel (maturin, abi3, manylinux2014) into target/wheels/"
+                 wheel  build the ksrpc-rs wheel (maturin, abi3, manylinux2014) into target/wheels/\n  \
+                 readme run the README's blocks (the step of `test`)"
             );
             bail!("unknown or missing command")
         }

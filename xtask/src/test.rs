@@ -120,7 +120,10 @@ pub fn run(args: &[String]) -> Result<()> {
         add(&mut tally, "soak", soak);
         let wheel =
             step("the ksrpc-rs wheel on CPython 3.9-3.13 (build, install, suites)", || crate::wheel::test(&env));
+        let wheel_python = wheel.is_ok().then(crate::wheel::full_venv_python);
         add(&mut tally, "wheel", wheel);
+        let readme = step("README examples", || crate::readme::run(&env, wheel_python.as_deref()));
+        add(&mut tally, "readme", readme);
     }
 
     eprintln!("\nxtask test took {:.0}s", started.elapsed().as_secs_f64());

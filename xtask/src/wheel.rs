@@ -90,8 +90,18 @@ fn pythons() -> Vec<(u32, PathBuf)> {
 
 /// A fresh venv of `python` with `packages`, and the wheel installed by pip
 /// with no cargo on PATH.
+fn venv_dir(minor: u32) -> PathBuf {
+    root().join(format!("target/xtask/wheel-venv-3.{minor}"))
+}
+
+/// The python of the 3.12 venv [`test`] installs the wheel in (with the
+/// full suite's packages).
+pub fn full_venv_python() -> PathBuf {
+    venv_dir(12).join("bin/python")
+}
+
 fn venv_with_wheel(python: &Path, minor: u32, packages: &[&str], wheel: &Path) -> Result<PathBuf> {
-    let venv = root().join(format!("target/xtask/wheel-venv-3.{minor}"));
+    let venv = venv_dir(minor);
     let bin = python::ensure_venv(python, &venv, packages)?;
     let status = Command::new(&bin)
         .args(["-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps"])
