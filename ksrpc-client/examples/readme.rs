@@ -1,3 +1,4 @@
+#![allow(clippy::print_stdout)] // an example: what it prints is its output
 use ksrpc_client::Client;
 
 #[tokio::main]

@@ -1,8 +1,10 @@
 //! Conversions between native [`Value`]s and Python objects, in one place.
 //!
 //! Tables cross as Arrow IPC streams through pyarrow (pandas DataFrames and
-//! numpy arrays); without pyarrow on the server that is a clear error naming
-//! it. A Python object with no native form goes back as a pickle.
+//! numpy arrays). Without pyarrow on the server a table *result* goes back as
+//! JSON-style records (a list of dicts, see [`records_of`]) and a table
+//! *argument* is a clear error naming the package. A Python object with no
+//! native form goes back as a pickle.
 
 use ksrpc_core::chain::Call;
 use ksrpc_core::native::Value;
@@ -21,7 +23,10 @@ pub(crate) struct ToPy<'a, 'py> {
 
 fn pyarrow<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     py.import("pyarrow").map_err(|_| {
-        PyImportError::new_err("tables need pyarrow, which is not installed on the server (pip install pyarrow)")
+        PyImportError::new_err(
+            "a table argument needs pyarrow, which is not installed on the server (pip install pyarrow); \
+             table results come as records without it",
+        )
     })
 }
 
@@ -93,8 +98,8 @@ pub(crate) fn calls_to_py<'py>(
     PyList::new(py, out)
 }
 
-/// A Python object as a value. Tables (DataFrame, ndarray) need pyarrow;
-/// anything else without a native form is pickled.
+/// A Python object as a value. Tables (DataFrame, ndarray) are Arrow with
+/// pyarrow, records without; anything else without a native form is pickled.
 pub(crate) fn from_py(py: Python<'_>, obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
     if depth > ksrpc_core::native::MAX_DEPTH {
         return Err(PyTypeError::new_err("the result nests deeper than the native protocol allows"));
@@ -146,7 +151,28 @@ pub(crate) fn from_py(py: Python<'_>, obj: &Bound<'_, PyAny>, depth: usize) -> P
     Ok(Value::Pickle(ByteBuf::from(pickled.cast::<PyBytes>()?.as_bytes().to_vec())))
 }
 
-/// A DataFrame, Series or ndarray as an Arrow IPC stream.
+/// A DataFrame as records, `[{column: value, ...}, ...]`, for servers
+/// without pyarrow: what pandas' `to_json(orient="records",
+/// date_format="iso")` writes (dates as ISO strings, NaN as None), with the
+/// index as leading column(s) unless it is the default `0..n`.
+fn records_of(py: Python<'_>, frame: &Bound<'_, PyAny>) -> PyResult<Value> {
+    let index = frame.getattr("index")?;
+    let pd = py.import("pandas")?;
+    let default_index = index.is_instance(&pd.getattr("RangeIndex")?)?
+        && index.getattr("start")?.extract::<i64>()? == 0
+        && index.getattr("step")?.extract::<i64>()? == 1
+        && index.getattr("name")?.is_none();
+    let frame = if default_index { frame.clone() } else { frame.call_method0("reset_index")? };
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("orient", "records")?;
+    kwargs.set_item("date_format", "iso")?;
+    let text = frame.call_method("to_json", (), Some(&kwargs))?;
+    let records = py.import("json")?.call_method1("loads", (text,))?;
+    from_py(py, &records, 1)
+}
+
+/// A DataFrame, Series or ndarray as an Arrow IPC stream (records without
+/// pyarrow).
 fn table_of(py: Python<'_>, obj: &Bound<'_, PyAny>, module: &str) -> PyResult<Option<Value>> {
     let name = obj.get_type().name()?.to_string();
     let frame = match (module.starts_with("pandas"), name.as_str()) {
@@ -163,7 +189,9 @@ fn table_of(py: Python<'_>, obj: &Bound<'_, PyAny>, module: &str) -> PyResult<Op
         }
         _ => return Ok(None),
     };
-    let pa = pyarrow(py)?;
+    let Ok(pa) = py.import("pyarrow") else {
+        return records_of(py, &frame).map(Some);
+    };
     let table = pa.getattr("Table")?.call_method1("from_pandas", (frame,))?;
     let ipc = pa.getattr("ipc")?;
     let schema = table.getattr("schema")?;

@@ -1076,6 +1076,39 @@ fn the_ksrpc_command_line_calls_prints_writes_files_and_fails_clearly() {
     let (code, _, err) = ksrpc_call(&url, "ksrpc.server.demo.add(1, 2)", &["--out", "x.parquet"], &creds);
     assert_eq!(code, 2);
     assert!(err.contains("needs a table"), "{err}");
+    // .json writes a table as records.
+    let json_file = dir.path().join("frame.json");
+    let (code, _, err) =
+        ksrpc_call(&url, "bench_mod.market_frame(120)", &["--out", json_file.to_str().unwrap()], &creds);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json_file).unwrap()).unwrap();
+    assert_eq!(rows.len(), 120);
+    assert!(rows[0]["close"].is_number() && rows[0]["code"] == "600000", "{:?}", rows[0]);
+    // --out is checked before the call (the call would take 30 s), and a
+    // generator is refused at its second item.
+    for (out, says) in [("x.xlsx", "unknown extension"), ("/nonexistent-dir/x.csv", "does not exist")] {
+        let (code, _, err) = ksrpc_call(&url, "bench_mod.sleep(30)", &["--out", out, "--timeout", "20"], &creds);
+        assert_eq!(code, 2);
+        assert!(err.contains(says) && !err.contains("timed out"), "{err}");
+    }
+    let (code, _, err) = ksrpc_call(&url, "bench_mod.countdown(1000)", &["--out", "x.json"], &creds);
+    assert_eq!(code, 2);
+    assert!(err.contains("generator"), "{err}");
+    // Without pyarrow on the server a table comes as records, and still
+    // prints as a table and writes every format.
+    let hide = "builtins.exec(\"import sys; sys.modules['pyarrow'] = None\")";
+    let (code, _, err) = ksrpc_call(&url, hide, &[], &creds);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = ksrpc_call(&url, "bench_mod.market_frame(120)", &["--max-rows", "5"], &creds);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("| close") || out.contains("close |"), "{out}");
+    assert!(out.contains("120 rows in all"), "{out}");
+    let csv = dir.path().join("records.csv");
+    let (code, _, err) = ksrpc_call(&url, "bench_mod.market_frame(120)", &["--out", csv.to_str().unwrap()], &creds);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(text.lines().count(), 121, "{text}");
+    assert!(text.starts_with("date,code,open,high,low,close,volume"), "{text}");
 }
 
 /// One row of `tests/python/capability_table.json` (shared with the 0.8.1

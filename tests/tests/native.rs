@@ -134,10 +134,11 @@ async fn errors_and_rules_hold_as_in_the_compat_protocol() {
 }
 
 /// Tables need pyarrow on the server; without it (here: made unimportable
-/// in this test's own interpreter) a DataFrame result and a table argument
-/// are errors that name the package, and everything else still works.
+/// in this test's own interpreter) a DataFrame result comes as records, a
+/// table argument is an error that names the package, and everything else
+/// still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_pyarrow_tables_are_a_clear_error() {
+async fn without_pyarrow_table_results_are_records_and_table_arguments_a_clear_error() {
     let ex = executor(|_| {});
     let admin = user("admin", &["allow *"]);
     let run = |c: CallChain<Value>| ex.call_native(NativeRequest { user: admin.clone(), chain: c });
@@ -147,17 +148,37 @@ async fn without_pyarrow_tables_are_a_clear_error() {
         vec![Call::attr("modules"), Call::method("__setitem__", vec![Value::Str("pyarrow".into()), Value::None])],
     );
     assert_eq!(ok(run(hide).await.unwrap()), Value::None);
+    // A DataFrame result: one dict per row, dates as ISO strings.
     let frame = chain("bench_mod", vec![Call::method("market_frame", vec![Value::Int(10)])]);
+    let Value::List(rows) = ok(run(frame).await.unwrap()) else { panic!("records are a list") };
+    assert_eq!(rows.len(), 10);
+    let Value::Dict(first) = &rows[0] else { panic!("a record is a dict: {:?}", rows[0]) };
+    let keys: Vec<&Value> = first.iter().map(|(k, _)| k).collect();
+    let names = ["date", "code", "open", "high", "low", "close", "volume"].map(|n| Value::Str(n.into()));
+    assert_eq!(keys, names.iter().collect::<Vec<_>>());
+    assert_eq!(first[0].1, Value::Str("2020-01-01T00:00:00.000".into()));
+    assert_eq!(first[1].1, Value::Str("600000".into()));
+    assert!(matches!(first[6].1, Value::Int(_)), "{first:?}");
+    // A named index becomes the first column.
+    let indexed = chain(
+        "bench_mod",
+        vec![
+            Call::method("market_frame", vec![Value::Int(3)]),
+            Call::method("set_index", vec![Value::Str("code".into())]),
+        ],
+    );
+    let Value::List(rows) = ok(run(indexed).await.unwrap()) else { panic!("records are a list") };
+    let Value::Dict(first) = &rows[0] else { panic!("a record is a dict") };
+    assert_eq!(first[0], (Value::Str("code".into()), Value::Str("600000".into())));
+    // A table argument cannot be read without pyarrow.
     let table_arg =
         chain("bench_mod", vec![Call::method("frame_summary", vec![Value::Table(ByteBuf::from(b"ARROW1".to_vec()))])]);
-    for c in [frame, table_arg] {
-        match run(c.clone()).await.unwrap() {
-            Outcome::Err(e) => {
-                assert_eq!(e.kind, "ImportError", "{c:?}: {e:?}");
-                assert!(e.message.contains("pip install pyarrow"), "{e:?}");
-            }
-            o => panic!("{c:?} gave {o:?}"),
+    match run(table_arg.clone()).await.unwrap() {
+        Outcome::Err(e) => {
+            assert_eq!(e.kind, "ImportError", "{e:?}");
+            assert!(e.message.contains("pip install pyarrow"), "{e:?}");
         }
+        o => panic!("{table_arg:?} gave {o:?}"),
     }
     let add = chain("ksrpc.server.demo", vec![Call::method("add", vec![Value::Int(1), Value::Int(2)])]);
     assert_eq!(ok(run(add).await.unwrap()), Value::Int(3));

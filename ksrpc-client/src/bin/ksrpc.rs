@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! ksrpc call http://127.0.0.1:8080/api/v1 'ksrpc.server.demo.add(1, 2)'
-//! ksrpc call ws://127.0.0.1:8080/api/v1/ws 'bench_mod.market_frame(1000)' --out frame.parquet
+//! ksrpc call ws://127.0.0.1:8080/api/v1/ws 'ksrpc.server.demo.test()' --out frame.parquet
 //! ```
 //!
 //! Results print as JSON (tables as a text table); `--out` writes a table
-//! as Arrow IPC, CSV or Parquet, or any value as JSON. Credentials come from
+//! as Arrow IPC, CSV or Parquet, or any value as JSON (a table as records).
+//! A table is an Arrow result, or the records (a list of dicts) a server
+//! without pyarrow sends instead. Credentials come from
 //! `--user`/`--password`, `KSRPC_USER`/`KSRPC_PASSWORD`, or a netrc file
 //! (`KSRPC_NETRC`, `NETRC`, `~/.netrc`); a missing password is asked for
 //! without echo when a terminal is attached. A failed call exits 1 with the
@@ -136,6 +138,9 @@ fn reqwest_host(url: &str) -> Option<String> {
 
 async fn call(args: CallArgs) -> Result<()> {
     let chain = ksrpc_client::expr::parse(&args.expr).with_context(|| format!("parsing {:?}", args.expr))?;
+    if let Some(out) = &args.out {
+        OutKind::of(out)?; // before the call: a wrong --out must not cost a call
+    }
     let mut builder = Client::builder(&args.url);
     if let Some((user, password)) = credentials(&args)? {
         builder = builder.credentials(user, password);
@@ -174,12 +179,15 @@ async fn call(args: CallArgs) -> Result<()> {
         let item = item?;
         if args.out.is_none() {
             print_value(&item, args.max_rows)?;
+        } else if !results.is_empty() {
+            // Dropping the stream closes the generator on the server.
+            bail!("--out writes one result, and {} is a generator (it yielded more than one); without --out each item prints", args.expr);
         }
         results.push(item);
     }
     if let Some(out) = &args.out {
         let [value] = results.as_slice() else {
-            bail!("--out needs exactly one result; the call yielded {}", results.len());
+            bail!("--out needs a result; the generator {} yielded none", args.expr);
         };
         write_out(out, value)?;
         eprintln!("wrote {}", out.display());
@@ -187,10 +195,82 @@ async fn call(args: CallArgs) -> Result<()> {
     Ok(())
 }
 
+/// What `--out` writes, from the file's extension.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum OutKind {
+    Json,
+    Arrow,
+    Csv,
+    Parquet,
+}
+
+impl OutKind {
+    /// The kind of `path`, checked before the call: a known extension and a
+    /// directory that exists.
+    fn of(path: &Path) -> Result<OutKind> {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let kind = match ext.as_str() {
+            "json" => OutKind::Json,
+            "arrow" | "ipc" | "feather" => OutKind::Arrow,
+            "csv" => OutKind::Csv,
+            "parquet" => OutKind::Parquet,
+            other => bail!("--out: unknown extension {other:?} (use .arrow, .csv, .parquet or .json)"),
+        };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            bail!("--out: the directory {} does not exist", dir.display());
+        }
+        Ok(kind)
+    }
+}
+
+/// A table result as record batches: Arrow as sent, or records (a list of
+/// dicts with the same string keys, scalar values) read into one batch.
+fn table_batches(value: &Value) -> Result<Vec<RecordBatch>> {
+    if let Value::Table(_) = value {
+        return Ok(value_to_batches(value)?);
+    }
+    let rows = records(value).context("not a table (an Arrow table, or records: a list of dicts)")?;
+    let names: Vec<String> = match rows.first() {
+        Some(Value::Dict(pairs)) => {
+            pairs.iter().map(|(k, _)| to_json(k).as_str().unwrap_or_default().to_owned()).collect()
+        }
+        _ => Vec::new(),
+    };
+    let rows: Vec<serde_json::Value> = rows.into_iter().map(to_json).collect();
+    let inferred = arrow_json::reader::infer_json_schema_from_iterator(rows.iter().map(|r| Ok(r.clone())))?;
+    // Inference orders the columns by name; keep the table's order.
+    let fields: Vec<_> = names.iter().map(|n| inferred.field_with_name(n).cloned()).collect::<Result<_, _>>()?;
+    let schema = arrow_schema::Schema::new(fields);
+    let mut decoder = arrow_json::ReaderBuilder::new(std::sync::Arc::new(schema)).build_decoder()?;
+    decoder.serialize(&rows)?;
+    Ok(decoder.flush()?.into_iter().collect())
+}
+
+/// The rows of `value` when it is records: a non-empty list of dicts with
+/// the same string keys in the same order and scalar values.
+fn records(value: &Value) -> Option<Vec<&Value>> {
+    let Value::List(rows) = value else { return None };
+    let keys = |row: &Value| -> Option<Vec<String>> {
+        let Value::Dict(pairs) = row else { return None };
+        pairs
+            .iter()
+            .map(|(k, v)| match (k, v) {
+                (Value::Str(k), Value::None | Value::Bool(_) | Value::Int(_) | Value::Float(_) | Value::Str(_)) => {
+                    Some(k.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let first = keys(rows.first()?)?;
+    rows.iter().all(|r| keys(r).as_ref() == Some(&first)).then(|| rows.iter().collect())
+}
+
 fn print_value(value: &Value, max_rows: usize) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
-    if let Value::Table(_) = value {
-        let batches = value_to_batches(value)?;
+    if matches!(value, Value::Table(_)) || records(value).is_some() {
+        let batches = table_batches(value)?;
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         let shown = head(&batches, max_rows);
         writeln!(stdout, "{}", arrow_cast::pretty::pretty_format_batches(&shown)?)?;
@@ -220,7 +300,8 @@ fn head(batches: &[RecordBatch], n: usize) -> Vec<RecordBatch> {
 
 /// A value as JSON: tuples are arrays, dicts with string keys objects (other
 /// keys: an array of `[key, value]` pairs), big ints and non-finite floats
-/// strings, bytes `{"base64": ...}`, tables and pickles a summary.
+/// strings, bytes `{"base64": ...}`, tables records (`[{column: value}]`),
+/// pickles a summary.
 fn to_json(value: &Value) -> serde_json::Value {
     use serde_json::{json, Value as J};
     match value {
@@ -240,9 +321,9 @@ fn to_json(value: &Value) -> serde_json::Value {
                 .collect(),
         ),
         Value::Dict(pairs) => J::Array(pairs.iter().map(|(k, v)| J::Array(vec![to_json(k), to_json(v)])).collect()),
-        Value::Table(_) => match value_to_batches(value) {
-            Ok(b) => json!({ "table_rows": b.iter().map(RecordBatch::num_rows).sum::<usize>() }),
-            Err(e) => json!({ "table_error": e.to_string() }),
+        Value::Table(_) => match table_records(value) {
+            Ok(rows) => rows,
+            Err(e) => json!({ "table_error": format!("{e:#}") }),
         },
         Value::Pickle(b) => json!({ "pickle_bytes": b.len() }),
         Value::Chain(c) => J::String(c.summary().to_string()),
@@ -250,17 +331,26 @@ fn to_json(value: &Value) -> serde_json::Value {
     }
 }
 
+/// An Arrow table as JSON records, `[{column: value, ...}, ...]`.
+fn table_records(value: &Value) -> Result<serde_json::Value> {
+    let batches = value_to_batches(value)?;
+    let mut writer = arrow_json::ArrayWriter::new(Vec::new());
+    writer.write_batches(&batches.iter().collect::<Vec<_>>())?;
+    writer.finish()?;
+    let bytes = writer.into_inner();
+    Ok(if bytes.is_empty() { serde_json::Value::Array(Vec::new()) } else { serde_json::from_slice(&bytes)? })
+}
+
 fn write_out(path: &Path, value: &Value) -> Result<()> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let create = || std::fs::File::create(path).with_context(|| format!("creating {}", path.display()));
-    let table = || value_to_batches(value).with_context(|| format!("--out {} needs a table result", path.display()));
-    match ext.as_str() {
-        "json" => {
+    let table = || table_batches(value).with_context(|| format!("--out {} needs a table result", path.display()));
+    match OutKind::of(path)? {
+        OutKind::Json => {
             let mut f = create()?;
             serde_json::to_writer_pretty(&mut f, &to_json(value))?;
             f.write_all(b"\n")?;
         }
-        "arrow" | "ipc" | "feather" => {
+        OutKind::Arrow => {
             let batches = table()?;
             let schema = batches.first().map(|b| b.schema()).context("the table has no batch")?;
             let mut w = arrow_ipc::writer::FileWriter::try_new(create()?, &schema)?;
@@ -269,14 +359,14 @@ fn write_out(path: &Path, value: &Value) -> Result<()> {
             }
             w.finish()?;
         }
-        "csv" => {
+        OutKind::Csv => {
             let batches = table()?;
             let mut w = arrow_csv::WriterBuilder::new().with_header(true).build(create()?);
             for b in &batches {
                 w.write(b)?;
             }
         }
-        "parquet" => {
+        OutKind::Parquet => {
             let batches = table()?;
             let schema = batches.first().map(|b| b.schema()).context("the table has no batch")?;
             let props = parquet::file::properties::WriterProperties::builder()
@@ -288,7 +378,6 @@ fn write_out(path: &Path, value: &Value) -> Result<()> {
             }
             w.close()?;
         }
-        other => bail!("--out: unknown extension {other:?} (use .arrow, .csv, .parquet or .json)"),
     }
     Ok(())
 }
@@ -312,5 +401,42 @@ mod tests {
         assert_eq!(to_json(&v).to_string(), r#"[[1,"123456789012345678901234567890"]]"#);
         let v = Value::Bytes(serde_bytes::ByteBuf::from(b"hi".to_vec()));
         assert_eq!(to_json(&v).to_string(), r#"{"base64":"aGk="}"#);
+    }
+
+    fn record(pairs: &[(&str, Value)]) -> Value {
+        Value::Dict(pairs.iter().map(|(k, v)| (Value::Str((*k).into()), v.clone())).collect())
+    }
+
+    #[test]
+    fn records_read_as_a_table_and_tables_write_as_records() {
+        let rows = Value::List(vec![
+            record(&[("code", Value::Str("600000".into())), ("close", Value::Float(1.5)), ("n", Value::Int(3))]),
+            record(&[("code", Value::Str("600001".into())), ("close", Value::None), ("n", Value::Int(4))]),
+        ]);
+        let batches = table_batches(&rows).unwrap();
+        assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 2);
+        let names: Vec<String> = batches[0].schema().fields().iter().map(|f| f.name().clone()).collect();
+        assert_eq!(names, ["code", "close", "n"], "the table's column order");
+        // Back to JSON records through Arrow (what --out x.json writes for an Arrow table).
+        let table = ksrpc_client::batches_to_value(&batches).unwrap();
+        assert_eq!(
+            to_json(&table),
+            serde_json::json!([{"code": "600000", "close": 1.5, "n": 3}, {"code": "600001", "n": 4}])
+        );
+        // Not records: keys differ, a nested value, not a list.
+        let mixed = Value::List(vec![record(&[("a", Value::Int(1))]), record(&[("b", Value::Int(1))])]);
+        assert!(records(&mixed).is_none());
+        assert!(records(&Value::List(vec![record(&[("a", Value::List(vec![]))])])).is_none());
+        assert!(records(&Value::Int(1)).is_none() && records(&Value::List(vec![])).is_none());
+    }
+
+    #[test]
+    fn out_is_checked_before_the_call() {
+        assert_eq!(OutKind::of(Path::new("x.PARQUET")).unwrap(), OutKind::Parquet);
+        assert_eq!(OutKind::of(Path::new("x.feather")).unwrap(), OutKind::Arrow);
+        let err = OutKind::of(Path::new("x.xlsx")).unwrap_err().to_string();
+        assert!(err.contains("unknown extension \"xlsx\""), "{err}");
+        let err = OutKind::of(Path::new("/nonexistent-dir/x.csv")).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent-dir"), "{err}");
     }
 }
