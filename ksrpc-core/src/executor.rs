@@ -21,6 +21,45 @@ pub struct CompatRequest {
     pub payload: Bytes,
 }
 
+/// How a call ended, for the per-call log line (`outcome=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// A result, or a generator handle.
+    Ok,
+    /// A generator had no more items (the 0.8.1 client's `StopAsyncIteration`).
+    End,
+    /// The user's rules refused it (`PermissionError`).
+    Refused,
+    /// It ran past the call timeout (`TimeoutError`).
+    Timeout,
+    /// It raised: the exception's type name.
+    Error(String),
+}
+
+impl CallOutcome {
+    /// The outcome of a call that raised `kind` (an exception type name).
+    pub fn of_exception(kind: &str) -> CallOutcome {
+        match kind {
+            "StopAsyncIteration" | "StopIteration" => CallOutcome::End,
+            "PermissionError" => CallOutcome::Refused,
+            "TimeoutError" => CallOutcome::Timeout,
+            other => CallOutcome::Error(other.to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Display for CallOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallOutcome::Ok => f.write_str("ok"),
+            CallOutcome::End => f.write_str("end"),
+            CallOutcome::Refused => f.write_str("refused"),
+            CallOutcome::Timeout => f.write_str("timeout"),
+            CallOutcome::Error(kind) => write!(f, "error:{kind}"),
+        }
+    }
+}
+
 /// The executor's answer: a pickled reply dict, ready to be encoded.
 #[derive(Debug, Clone)]
 pub struct CompatReply {
@@ -35,6 +74,8 @@ pub struct CompatReply {
     /// an error or a generator). The result cache matches its ttl patterns
     /// on it.
     pub cache_chain: Option<String>,
+    /// How the call ended (the reply's `status` is 500 for all but `Ok`).
+    pub outcome: CallOutcome,
 }
 
 /// One native-protocol call: an authenticated user and an explicit chain

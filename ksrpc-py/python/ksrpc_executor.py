@@ -1381,13 +1381,14 @@ class Executor:
     """Runs ksrpc 0.8.1 calls for the Rust server; `handle` is called from many threads."""
 
     def __init__(self, *, unpickle_allow=(), allow_code=False, handle_ttl=600.0, handle_cap=64,
-                 call_timeout=600.0, serial_modules=(), parallel_modules=(), lend=None):
+                 call_timeout=600.0, serial_modules=(), parallel_modules=(), lend=None, note=None):
         """unpickle_allow: extra "module:name" / "module:*" globals a request may name;
         allow_code: accept dill code objects from users whose rules allow builtins;
         handle_ttl (s) / handle_cap (per user): generator handles; call_timeout (s): how long a
         call may take; parallel_modules / serial_modules: see `_Lanes`; lend: called (no
         arguments) when a pool thread is about to wait for a busy lane, so the pool can add a
-        thread for the other packages' calls meanwhile."""
+        thread for the other packages' calls meanwhile; note(call_id, summary): told each
+        compat call's chain once it is known."""
         exact, wild = _parse_allow(DEFAULT_UNPICKLE_ALLOW + tuple(unpickle_allow))
         self._policy = _Policy(exact, wild, bool(allow_code))
         from ksrpc.client import RpcCall, RpcClient, _Self  # the stand-ins, or the real package
@@ -1395,6 +1396,7 @@ class Executor:
         self._call_timeout = float(call_timeout)
         self._lanes = _Lanes(parallel_modules, serial_modules)
         self._lend = lend
+        self._note = note
         self._handles = _Handles(handle_ttl, handle_cap)
         self._calls = {}  # call_id -> _CallState, for cancel()
         self._lock = threading.Lock()
@@ -1409,10 +1411,11 @@ class Executor:
 
     # -- public API ------------------------------------------------------------
     def handle(self, call_id: int, user: str, rules, payload: bytes, fast: bool = False
-               ) -> tuple[int, str | None, bytes, str, str | None]:
-        """One request -> (reply_status, bad_request, reply_bytes, summary, cache_chain). Never
-        raises. `cache_chain` is the dotted chain when the reply may be cached (a plain result:
-        not an error, not a generator, see `_cache_chain`), else None.
+               ) -> tuple[int, str | None, bytes, str, str | None, str | None]:
+        """One request -> (reply_status, bad_request, reply_bytes, summary, cache_chain, raised).
+        Never raises. `cache_chain` is the dotted chain when the reply may be cached (a plain
+        result: not an error, not a generator, see `_cache_chain`), else None; `raised` is the
+        type name of the exception the call raised (None: it returned), for the log line.
         `fast`: the caller proved the pickle mutates only objects it builds (see
         `_FastUnpickler`), so the C unpickler may load it; it hands the request to the
         careful unpickler when a global needs that one's checks."""
@@ -1432,25 +1435,29 @@ class Executor:
             except BaseException as e:
                 msg = _one_line(e if isinstance(e, (_Refused, _NeedsDill)) else
                                 f"undecodable request pickle: {type(e).__name__}: {_safe_str(e)}")
-                return 500, msg, self._bad_reply(e, msg), summary, None
+                return 500, msg, self._bad_reply(e, msg), summary, None, type(e).__name__
             try:
                 module, calls, ref_id = _validate(req, (self._RpcCall, self._RpcClient))
             except Exception as e:
                 msg = _one_line(f"invalid request: {_safe_str(e)}")
-                return 500, msg, self._bad_reply(e, msg), "<invalid>", None
+                return 500, msg, self._bad_reply(e, msg), "<invalid>", None, type(e).__name__
             del req
             summary = _summarize(module, calls, ref_id)
+            if self._note is not None:
+                self._note(call_id, summary)  # the server logs it if the call outruns its timeout
             ctx = _Ctx(user, rules, state, time.monotonic() + self._call_timeout)
-            cache_chain = None
+            cache_chain = raised = None
             try:
                 status, reply, handle = self._execute(ctx, module, calls, ref_id)
                 if status == 200 and not handle:
                     cache_chain = _cache_chain(module, calls, ref_id, self._RpcClient)
+                elif status != 200:
+                    raised = "RuntimeError"  # the result could not be pickled (see _ok_reply)
             except BaseException as e:
-                status, reply = 500, error_reply(module, e, traceback.format_exc())
-            return status, None, reply, summary, cache_chain
+                status, reply, raised = 500, error_reply(module, e, traceback.format_exc()), type(e).__name__
+            return status, None, reply, summary, cache_chain, raised
         except BaseException as e:  # last resort, e.g. an exception injected while replying
-            return 500, None, error_reply(module, e, traceback.format_exc()), summary, None
+            return 500, None, error_reply(module, e, traceback.format_exc()), summary, None, type(e).__name__
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)

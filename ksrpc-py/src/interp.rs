@@ -8,6 +8,22 @@ use pyo3::types::{PyCFunction, PyDict, PyList};
 
 use crate::{PythonConfig, StartError};
 
+/// What the Python executor tells the pool, as callbacks.
+pub(crate) struct Hooks {
+    /// A call is about to wait for its package's busy lane (called from a
+    /// pool thread, attached): the pool should add a thread meanwhile.
+    pub(crate) lend: Box<dyn Fn() + Send + Sync>,
+    /// A compat call's chain summary, once unpickled (for a timeout's log
+    /// line: the chain is only known in Python).
+    pub(crate) note: Box<dyn Fn(u64, String) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hooks")
+    }
+}
+
 /// The pure-Python modules the server ships: a minimal `ksrpc` package (the
 /// client stand-ins that request pickles name, and the demo module) and the
 /// executor logic, as (module name, is a package, source).
@@ -80,13 +96,8 @@ pub enum Host {
 /// into a Python process), sets up `sys.path` and returns the executor
 /// object of `ksrpc_executor.py`.
 ///
-/// `lend` is called (from a pool thread, attached) when a call is about to
-/// wait for its package's busy lane: the pool should add a thread meanwhile.
-pub fn start(
-    config: &PythonConfig,
-    host: Host,
-    lend: impl Fn() + Send + Sync + 'static,
-) -> Result<Py<PyAny>, StartError> {
+/// `hooks` are what the executor tells the pool (see [`Hooks`]).
+pub(crate) fn start(config: &PythonConfig, host: Host, hooks: Hooks) -> Result<Py<PyAny>, StartError> {
     Python::initialize();
     let venv = match host {
         Host::Embedded => config.venv.clone().or_else(|| std::env::var_os("VIRTUAL_ENV").map(PathBuf::from)),
@@ -147,6 +158,7 @@ pub fn start(
         kwargs
             .set_item("parallel_modules", PyList::new(py, &config.parallel_modules).map_err(py_err)?)
             .map_err(py_err)?;
+        let Hooks { lend, note } = hooks;
         let lend = PyCFunction::new_closure(
             py,
             Some(c"lend"),
@@ -155,6 +167,18 @@ pub fn start(
         )
         .map_err(py_err)?;
         kwargs.set_item("lend", lend).map_err(py_err)?;
+        let note = PyCFunction::new_closure(
+            py,
+            Some(c"note"),
+            Some(c"Tells the pool a compat call's chain (call_id, summary)."),
+            move |args, _kwargs| -> PyResult<()> {
+                let (id, summary): (u64, String) = args.extract()?;
+                note(id, summary);
+                Ok(())
+            },
+        )
+        .map_err(py_err)?;
+        kwargs.set_item("note", note).map_err(py_err)?;
         let executor = module.getattr("Executor").and_then(|cls| cls.call((), Some(&kwargs))).map_err(py_err)?;
         Ok(executor.unbind())
     })

@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender};
 use ksrpc_core::auth::User;
 use ksrpc_core::chain::CallChain;
 use ksrpc_core::native::{Outcome, RemoteError, Value};
-use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError, Executor, NativeRequest};
+use ksrpc_core::{compat, CallOutcome, CompatReply, CompatRequest, ExecError, Executor, NativeRequest};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tokio::sync::{oneshot, watch};
@@ -120,6 +120,9 @@ struct Shared {
     /// touched while attached to the interpreter, so the control thread and
     /// the workers cannot race on it.
     running: Mutex<HashMap<u64, c_ulong>>,
+    /// Call id -> the chain of a compat call in flight (told by Python once
+    /// unpickled), for the log line of a call that outruns its timeout.
+    summaries: Arc<Mutex<HashMap<u64, String>>>,
     per_user: Mutex<HashMap<String, usize>>,
     next_id: AtomicU64,
     workers: AtomicUsize,
@@ -171,7 +174,15 @@ impl PyExecutor {
     fn start_in(config: PythonConfig, host: Host) -> Result<Self, StartError> {
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let lender = control_tx.clone();
-        let executor = interp::start(&config, host, move || drop(lender.send(Control::Lend)))?;
+        let summaries: Arc<Mutex<HashMap<u64, String>>> = Arc::default();
+        let noted = summaries.clone();
+        let hooks = interp::Hooks {
+            lend: Box::new(move || drop(lender.send(Control::Lend))),
+            note: Box::new(move |id, summary| {
+                noted.lock().expect("summaries poisoned").insert(id, summary);
+            }),
+        };
+        let executor = interp::start(&config, host, hooks)?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let shared = Arc::new(Shared {
             executor,
@@ -179,6 +190,7 @@ impl PyExecutor {
             config,
             control: control_tx,
             running: Mutex::new(HashMap::new()),
+            summaries,
             per_user: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             workers: AtomicUsize::new(0),
@@ -416,13 +428,15 @@ fn run_compat(
         .bind(py)
         .call_method1("handle", (id, user.name.as_str(), rules, py_payload, fast))
         .map_err(internal)?;
-    let (status, bad_request, reply, summary, cache_chain): (
+    let (status, bad_request, reply, summary, cache_chain, raised): (
         u16,
         Option<String>,
         Bound<'_, PyBytes>,
         String,
         Option<String>,
+        Option<String>,
     ) = result.extract().map_err(internal)?;
+    let outcome = raised.as_deref().map_or(CallOutcome::Ok, CallOutcome::of_exception);
     if let Some(message) = bad_request {
         return Err(ExecError::BadRequest { message, reply: zero_copy(reply), summary });
     }
@@ -430,9 +444,10 @@ fn run_compat(
     if len > shared.config.max_reply_bytes {
         let msg = over_reply_limit(len, shared.config.max_reply_bytes);
         let body = compat::error_reply("", "MemoryError", &msg, "", &compat::utc_now_iso());
-        return Ok(CompatReply { status: 500, body: body.into(), summary, cache_chain: None });
+        let outcome = CallOutcome::Error("MemoryError".into());
+        return Ok(CompatReply { status: 500, body: body.into(), summary, cache_chain: None, outcome });
     }
-    Ok(CompatReply { status, body: zero_copy(reply), summary, cache_chain })
+    Ok(CompatReply { status, body: zero_copy(reply), summary, cache_chain, outcome })
 }
 
 /// The error message of a reply over `python.max_reply_bytes`.
@@ -514,6 +529,7 @@ impl Drop for CallGuard<'_> {
             let _ = self.shared.control.send(Control::Cancel(self.id));
         }
         *self.shared.last_activity.lock().expect("activity poisoned") = Instant::now();
+        self.shared.summaries.lock().expect("summaries poisoned").remove(&self.id);
         let mut per_user = self.shared.per_user.lock().expect("per-user map poisoned");
         if let Some(n) = per_user.get_mut(self.user) {
             *n -= 1;
@@ -532,7 +548,7 @@ impl PyExecutor {
         &self,
         user: &Arc<User>,
         work: impl FnOnce(oneshot::Sender<Result<T, ExecError>>) -> Work,
-        on_timeout: impl FnOnce(String) -> T,
+        on_timeout: impl FnOnce(String, Option<String>) -> T,
     ) -> Result<T, ExecError> {
         let shared = &*self.shared;
         if shared.shutting_down.load(Ordering::SeqCst) {
@@ -577,7 +593,9 @@ impl PyExecutor {
                 guard.finished = true;
                 guard.cancelled.store(true, Ordering::SeqCst);
                 let _ = shared.control.send(Control::Timeout(id));
-                Ok(on_timeout(format!("the call ran longer than the server's limit of {:.0} s", timeout.as_secs_f64())))
+                let summary = shared.summaries.lock().expect("summaries poisoned").remove(&id);
+                let msg = format!("the call ran longer than the server's limit of {:.0} s", timeout.as_secs_f64());
+                Ok(on_timeout(msg, summary))
             }
         }
     }
@@ -590,9 +608,17 @@ impl Executor for PyExecutor {
         self.submit(
             &request.user,
             |reply| Work::Compat { payload, reply },
-            |msg| {
+            |msg, summary| {
                 let body = compat::error_reply("", "TimeoutError", &msg, "", &compat::utc_now_iso());
-                CompatReply { status: 500, body: body.into(), summary: String::from("<timed out>"), cache_chain: None }
+                // The chain, when Python had unpickled it before the timeout.
+                let summary = summary.unwrap_or_else(|| String::from("<still unpickling>"));
+                CompatReply {
+                    status: 500,
+                    body: body.into(),
+                    summary,
+                    cache_chain: None,
+                    outcome: CallOutcome::Timeout,
+                }
             },
         )
         .await
@@ -603,7 +629,7 @@ impl Executor for PyExecutor {
         self.submit(
             &request.user,
             |reply| Work::Native { chain, reply },
-            |message| Outcome::Err(RemoteError { kind: "TimeoutError".into(), message, traceback: String::new() }),
+            |message, _| Outcome::Err(RemoteError { kind: "TimeoutError".into(), message, traceback: String::new() }),
         )
         .await
     }

@@ -48,6 +48,10 @@ pub struct ServerSection {
     pub workers: usize,
     /// `[server.tls]`: serve HTTPS and WSS with this certificate and key.
     pub tls: Option<crate::tls::TlsSection>,
+    /// Reverse proxies (addresses or networks) whose `X-Forwarded-For`
+    /// names the client, for logs and the login throttle; empty: the
+    /// header is ignored.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -60,6 +64,7 @@ impl Default for ServerSection {
             shutdown_grace: 30,
             workers: 0,
             tls: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -307,6 +312,7 @@ impl Config {
             tls.server_config()?;
         }
         self.codec.level.parse()?;
+        self.trusted_proxies()?;
         ksrpc_cache::TtlRules::parse(&self.cache.ttl).context("cache.ttl")?;
         if self.cache.enabled && self.cache.ttl.is_empty() {
             tracing::warn!("cache.enabled is set but cache.ttl names no call: nothing will be cached");
@@ -372,6 +378,15 @@ impl Config {
     /// Limits on one request.
     pub fn limits(&self) -> Limits {
         Limits { max_encoded: self.limits.max_body_bytes, max_decoded: self.limits.max_decoded_bytes }
+    }
+
+    /// `server.trusted_proxies`, parsed.
+    pub fn trusted_proxies(&self) -> Result<Vec<ksrpc_transport_http::forwarded::Cidr>> {
+        self.server
+            .trusted_proxies
+            .iter()
+            .map(|p| p.parse().with_context(|| "server.trusted_proxies".to_owned()))
+            .collect()
     }
 
     /// The executor's settings.

@@ -263,6 +263,7 @@ fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<
         body_idle: Duration::from_secs_f64(config.limits.body_idle_timeout.min(1e9)),
         send_timeout: Duration::from_secs_f64(config.limits.send_timeout.min(1e9)),
         cache: config.cache()?,
+        trusted_proxies: config.trusted_proxies()?,
     });
     let app_path = path;
     let mut server = HttpServer::new(move || {

@@ -67,18 +67,25 @@ pub fn build_users(config: &Config) -> Result<(UserStore, Option<GeneratedAdmin>
 /// Log lines to stderr through a background writer (a write(2) per call on
 /// the HTTP worker cost ~10% of small-call throughput). The returned guard
 /// flushes on drop; `None` when a subscriber is already installed (a second
-/// `serve()` in one Python process).
+/// `serve()` in one Python process). `KSRPC_LOG_FORMAT=json` writes one JSON
+/// object per line (fields at the top level) for log collectors.
 pub fn init_logging() -> Option<tracing_appender::non_blocking::WorkerGuard> {
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,actix_server=warn".into()),
         )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(writer)
-        .try_init()
-        .ok()
-        .map(|()| guard)
+        .with_writer(writer);
+    let format = std::env::var("KSRPC_LOG_FORMAT").unwrap_or_default();
+    let started = match format.as_str() {
+        // One JSON object per line, the event's fields at the top level.
+        "json" => builder.json().flatten_event(true).try_init(),
+        _ => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+    };
+    if !matches!(format.as_str(), "" | "text" | "json") {
+        tracing::warn!("KSRPC_LOG_FORMAT={format:?} is neither \"text\" nor \"json\": logging as text");
+    }
+    started.ok().map(|()| guard)
 }
 
 /// `hash-password` with the password piped in: an argon2id hash of the

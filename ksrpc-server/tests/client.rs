@@ -1183,7 +1183,12 @@ async fn capability_table_over_the_native_protocol() {
 
 /// One raw `GET generate_204` from the loopback address `source` (Linux
 /// routes all of 127/8 to lo, so tests can be several clients); the status.
-async fn probe_from(server: &Server, source: [u8; 4], (user, password): (&str, &str)) -> u16 {
+async fn probe_from(server: &Server, source: [u8; 4], credentials: (&str, &str)) -> u16 {
+    probe_with(server, source, credentials, "").await
+}
+
+/// [`probe_from`] with `headers` (`Name: value\r\n` lines) added.
+async fn probe_with(server: &Server, source: [u8; 4], (user, password): (&str, &str), headers: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let url = server.base.strip_prefix("http://").unwrap();
     let (addr, path) = url.split_once('/').unwrap();
@@ -1192,7 +1197,7 @@ async fn probe_from(server: &Server, source: [u8; 4], (user, password): (&str, &
     let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let request = format!(
-        "GET /{path}/generate_204 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}\r\nX-Timestamp: {now}\r\nConnection: close\r\n\r\n",
+        "GET /{path}/generate_204 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}\r\nX-Timestamp: {now}\r\n{headers}Connection: close\r\n\r\n",
         basic(user, password)
     );
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -1483,4 +1488,63 @@ fn cli_in(server: &Server, action: &str) -> String {
     let out = Command::new(BIN).arg("--config").arg(server.config()).args(["cache", action]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// The log an admin reads: every call line names the peer and how the call
+/// ended (refused by the rules, an exception's type, a timeout with its
+/// chain, a generator's end); `X-Forwarded-For` counts only from a trusted
+/// proxy; a flood of failed logins is bounded; `KSRPC_LOG_FORMAT=json`
+/// writes the same fields as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_name_the_peer_and_the_outcome_and_failed_logins_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let extra = "[limits]\ncall_timeout = 1.0\n";
+    let env = [("KSRPC_SERVER__TRUSTED_PROXIES", "[\"127.0.0.2\"]"), ("KSRPC_LOG_FORMAT", "json")];
+    let server = Server::start_env(4, extra, "info", Some(&log), &env);
+    let admin = server.client(Transport::Http, ADMIN).await;
+    let limited = server.client(Transport::WebSocket, LIMITED).await;
+    let _: i64 = admin.module("ksrpc.server.demo").call("add", (1, 2)).collect().await.unwrap();
+    assert!(limited.module("os").call("getcwd", ()).await.is_err());
+    assert!(admin.module("ksrpc.server.demo").call("div", (1, 0)).await.is_err());
+    assert!(admin.module("bench_mod").call("sleep", (5.0,)).await.is_err());
+    let items: Vec<Value> =
+        admin.module("bench_mod").call("countdown", (1,)).stream().await.unwrap().try_collect().await.unwrap();
+    assert_eq!(items.len(), 1);
+    // Through the trusted proxy 127.0.0.2 the forwarded address counts; from
+    // 127.0.0.3 the header is the client's own claim and is ignored.
+    let forwarded = "X-Forwarded-For: 203.0.113.7\r\n";
+    assert_eq!(probe_with(&server, [127, 0, 0, 2], ("mallory", "guess"), forwarded).await, 401);
+    assert_eq!(probe_with(&server, [127, 0, 0, 3], ("mallory", "guess"), forwarded).await, 401);
+    // A flood of 60 failed logins (different names: no penalty delays).
+    for i in 0..60 {
+        assert_eq!(probe_from(&server, [127, 0, 0, 4], (&format!("guess{i}"), "x")).await, 401);
+    }
+    drop(server);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(lines.len() > 10, "the log is not JSON lines:\n{text}");
+    let call = |chain: &str| {
+        lines
+            .iter()
+            .find(|l| l["chain"] == chain && l["message"].as_str().is_some_and(|m| m.ends_with("call")))
+            .unwrap_or_else(|| panic!("no call line for {chain}:\n{text}"))
+    };
+    let add = call("ksrpc.server.demo.add(2 args)");
+    assert_eq!(
+        (&add["outcome"], &add["peer"], &add["level"]),
+        (&serde_json::json!("ok"), &serde_json::json!("127.0.0.1"), &serde_json::json!("INFO"))
+    );
+    let refused = call("os.getcwd()");
+    assert_eq!(
+        (&refused["outcome"], &refused["user"], &refused["level"]),
+        (&serde_json::json!("refused"), &serde_json::json!("limited"), &serde_json::json!("WARN"))
+    );
+    assert_eq!(call("ksrpc.server.demo.div(2 args)")["outcome"], serde_json::json!("error:ZeroDivisionError"));
+    assert_eq!(call("bench_mod.sleep(1 arg)")["outcome"], serde_json::json!("timeout"));
+    assert!(lines.iter().any(|l| l["outcome"] == "end"), "no generator end line:\n{text}");
+    let failed: Vec<&serde_json::Value> = lines.iter().filter(|l| l["message"] == "login failed").collect();
+    assert_eq!(failed[0]["peer"], serde_json::json!("203.0.113.7"), "through the trusted proxy");
+    assert_eq!(failed[1]["peer"], serde_json::json!("127.0.0.3"), "the untrusted peer's own header is ignored");
+    assert!(failed.len() <= 20, "{} failed-login lines for 62 failures: not bounded", failed.len());
 }

@@ -12,6 +12,7 @@
 
 pub mod cached;
 mod error;
+pub mod forwarded;
 mod reply;
 
 use std::collections::HashMap;
@@ -32,7 +33,7 @@ use ksrpc_core::{CompatReply, CompatRequest, Executor, NativeRequest};
 use tokio::sync::oneshot;
 
 pub use error::TransportError;
-pub use reply::{cached_reply, log_call, stream_reply, SEND_TIMEOUT};
+pub use reply::{cached_reply, log_call, outcome_of, stream_reply, CallStats, Caller, ClientIp, SEND_TIMEOUT};
 
 /// What every route needs; registered once as `web::Data<HttpState>`.
 #[derive(Clone)]
@@ -58,6 +59,9 @@ pub struct HttpState {
     pub send_timeout: Duration,
     /// The result cache, when `[cache] enabled` (see [`cached`]).
     pub cache: Option<Arc<ksrpc_cache::ResultCache>>,
+    /// Proxies whose `X-Forwarded-For` names the client
+    /// (`server.trusted_proxies`; see [`forwarded`]).
+    pub trusted_proxies: Vec<forwarded::Cidr>,
 }
 
 /// Native HTTP calls in flight by (user, request id), so that a `Cancel`
@@ -144,8 +148,9 @@ pub async fn guard(
     let header = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
     check_timestamp(header("X-Timestamp"), now(), state.timestamp_window).map_err(TransportError::Forbidden)?;
     let (name, password) = parse_basic(header("Authorization")).map_err(|_| TransportError::Unauthorized)?;
-    let peer = Peer::of(req.peer_addr().map(|a| a.ip()));
-    let user = authenticate(&state.users, name, password, peer).await?;
+    let ip = forwarded::client_ip(req.peer_addr().map(|a| a.ip()), header("X-Forwarded-For"), &state.trusted_proxies);
+    req.extensions_mut().insert(ClientIp(ip));
+    let user = authenticate(&state.users, name, password, Peer::of(ip)).await?;
     req.extensions_mut().insert(user);
     next.call(req).await
 }
@@ -180,7 +185,22 @@ async fn authenticate(
         }
         Err(_) => {
             let delay = users.penalty(&name, peer);
-            tracing::warn!(user = ?name, %peer, reason = "wrong password or unknown user", delay_ms = delay.as_millis() as u64, "login failed");
+            // A flood must not fill the disk: past the limiter's burst only
+            // a count is logged.
+            match FAILED_LOGINS.admit(Instant::now()) {
+                LogAdmit::Log { unlogged } => {
+                    if unlogged > 0 {
+                        tracing::warn!(
+                            count = unlogged,
+                            "failed logins not logged (at most {} per {} s)",
+                            FAILED_LOGINS.burst,
+                            FAILED_LOGINS.window.as_secs()
+                        );
+                    }
+                    tracing::warn!(user = ?name, %peer, reason = "wrong password or unknown user", delay_ms = delay.as_millis() as u64, "login failed");
+                }
+                LogAdmit::Skip => {}
+            }
             if !delay.is_zero() {
                 actix_web::rt::time::sleep(delay).await;
             }
@@ -193,6 +213,65 @@ async fn authenticate(
 pub fn user_of(req: &HttpRequest) -> Result<Arc<User>, TransportError> {
     req.extensions().get::<Arc<User>>().cloned().ok_or(TransportError::Unauthorized)
 }
+
+/// The user and client address [`guard`] stored on the request.
+pub fn caller_of(req: &HttpRequest) -> Result<(Arc<User>, Caller), TransportError> {
+    let user = user_of(req)?;
+    let peer = req.extensions().get::<ClientIp>().copied().unwrap_or(ClientIp(None));
+    let caller = Caller { user: user.name.clone(), peer };
+    Ok((user, caller))
+}
+
+/// A bound on log lines of one kind: at most `burst` per `window`; the rest
+/// are counted and the count is logged with the next line let through.
+#[derive(Debug)]
+pub struct LogLimiter {
+    /// Lines let through per window.
+    pub burst: u32,
+    /// The window.
+    pub window: Duration,
+    /// (window start, lines logged in it, lines skipped since the last one logged)
+    state: Mutex<Option<(Instant, u32, u64)>>,
+}
+
+/// What [`LogLimiter::admit`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LogAdmit {
+    /// Log the line; `unlogged` lines were skipped before it.
+    Log {
+        /// Lines skipped since the last one logged.
+        unlogged: u64,
+    },
+    /// Skip it (counted).
+    Skip,
+}
+
+impl LogLimiter {
+    /// A limiter letting `burst` lines through per `window`.
+    pub const fn new(burst: u32, window: Duration) -> LogLimiter {
+        LogLimiter { burst, window, state: Mutex::new(None) }
+    }
+
+    /// Whether a line at `now` may be logged.
+    pub fn admit(&self, now: Instant) -> LogAdmit {
+        let mut state = self.state.lock().expect("log limiter poisoned");
+        let (start, logged, skipped) = state.get_or_insert((now, 0, 0));
+        if now.duration_since(*start) >= self.window {
+            (*start, *logged) = (now, 0);
+        }
+        if *logged < self.burst {
+            *logged += 1;
+            LogAdmit::Log { unlogged: std::mem::take(skipped) }
+        } else {
+            *skipped += 1;
+            LogAdmit::Skip
+        }
+    }
+}
+
+/// Failed logins: 20 lines per 10 s at most (a password-guessing flood of
+/// any size costs a line per half second).
+static FAILED_LOGINS: LogLimiter = LogLimiter::new(20, Duration::from_secs(10));
 
 /// Registers the HTTP routes under `prefix` (which may hold `{name}`
 /// placeholders, one path segment each).
@@ -356,12 +435,12 @@ async fn chunk(
     state: web::Data<HttpState>,
 ) -> Result<HttpResponse, TransportError> {
     let started = Instant::now();
-    let user = user_of(&req)?;
+    let (user, caller) = caller_of(&req)?;
     let mut held = state.budget.reservation(&user.name);
     let (payload, bytes_in) = read_body(&mut body, &state, &mut held).await?;
     let payload = Bytes::from(payload);
     let fill = match cached::compat_begin(&state, &user, &payload).await {
-        cached::CompatStart::Hit(entry) => return Ok(cached_reply(entry, &user.name, bytes_in, started)),
+        cached::CompatStart::Hit(entry) => return Ok(cached_reply(entry, &caller, bytes_in, started)),
         cached::CompatStart::Run(fill) => fill,
     };
     // The payload stays charged while the call runs (it is in Python's hands).
@@ -371,12 +450,12 @@ async fn chunk(
             ksrpc_core::ExecError::BadRequest { summary, .. } => summary.as_str(),
             _ => "<not run>",
         };
-        tracing::warn!(user = %user.name, chain = %summary, bytes_in, error = %e, "call refused");
+        tracing::warn!(user = %user.name, peer = %caller.peer, chain = %summary, bytes_in, error = %e, "call refused");
     })?;
     // Then the reply, until its last byte is sent.
     let reply = admit_compat_reply(reply, &mut held, &user.name);
     let cache = cached::compat_after(&state, fill, &reply);
-    Ok(stream_reply(&state.codec, reply, user.name.clone(), bytes_in, started, held, state.send_timeout, cache))
+    Ok(stream_reply(&state.codec, reply, caller, bytes_in, started, held, state.send_timeout, cache))
 }
 
 /// The media type of native-protocol bodies (zstd-compressed postcard).
@@ -435,7 +514,8 @@ pub fn admit_compat_reply(reply: CompatReply, held: &mut Reservation, user: &str
                 "",
                 &ksrpc_core::compat::utc_now_iso(),
             );
-            CompatReply { status: 500, body: body.into(), summary: reply.summary, cache_chain: None }
+            let outcome = ksrpc_core::CallOutcome::Error("MemoryError".into());
+            CompatReply { status: 500, body: body.into(), summary: reply.summary, cache_chain: None, outcome }
         }
     }
 }
@@ -515,7 +595,7 @@ async fn v2_call(
     state: web::Data<HttpState>,
 ) -> Result<HttpResponse, TransportError> {
     let started = Instant::now();
-    let user = user_of(&req)?;
+    let (user, caller) = caller_of(&req)?;
     let mut held = state.budget.reservation(&user.name);
     let wire = read_raw(&mut body, &state, &mut held).await?;
     let bytes_in = wire.len() as u64;
@@ -546,16 +626,15 @@ async fn v2_call(
         cached::NativeStart::Hit(entry) => {
             held.force(0);
             let body = cached::native_hit(id, entry).await?;
-            log_call(
-                "native call",
-                &user.name,
-                &summary,
-                200,
-                cached::CacheMark::Hit,
+            let stats = CallStats {
+                summary: &summary,
+                status: 200,
+                outcome: &ksrpc_core::CallOutcome::Ok,
+                cache: cached::CacheMark::Hit,
                 bytes_in,
-                body.len() as u64,
-                started,
-            );
+                bytes_out: body.len() as u64,
+            };
+            log_call("native call", &caller, stats, started);
             return Ok(native_response(actix_web::http::StatusCode::OK, body));
         }
         cached::NativeStart::Run(mark, store) => (mark, store),
@@ -588,10 +667,39 @@ async fn v2_call(
     };
     let ok = !matches!(outcome, native::Outcome::Err(_));
     let mark = if ok { mark } else { cached::CacheMark::Skip };
+    let call_outcome = outcome_of(&outcome);
     let body = cached::native_reply(&state, id, outcome, store, &summary).await?;
     let bytes_out = body.len() as u64;
     // Held until actix has taken the whole body.
     let response = native_response_held(body, held, state.send_timeout);
-    log_call("native call", &user.name, &summary, if ok { 200 } else { 500 }, mark, bytes_in, bytes_out, started);
+    let stats = CallStats {
+        summary: &summary,
+        status: if ok { 200 } else { 500 },
+        outcome: &call_outcome,
+        cache: mark,
+        bytes_in,
+        bytes_out,
+    };
+    log_call("native call", &caller, stats, started);
     Ok(response)
+}
+
+#[cfg(test)]
+mod log_limiter_tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_per_window_then_a_count_of_the_rest() {
+        let limiter = LogLimiter::new(3, Duration::from_secs(10));
+        let t0 = Instant::now();
+        let admitted: Vec<LogAdmit> = (0..5).map(|i| limiter.admit(t0 + Duration::from_millis(i))).collect();
+        assert_eq!(
+            admitted[..3],
+            [LogAdmit::Log { unlogged: 0 }, LogAdmit::Log { unlogged: 0 }, LogAdmit::Log { unlogged: 0 }]
+        );
+        assert_eq!(admitted[3..], [LogAdmit::Skip, LogAdmit::Skip]);
+        // The next window lets lines through again, the first one with the count.
+        assert_eq!(limiter.admit(t0 + Duration::from_secs(11)), LogAdmit::Log { unlogged: 2 });
+        assert_eq!(limiter.admit(t0 + Duration::from_secs(12)), LogAdmit::Log { unlogged: 0 });
+    }
 }

@@ -8,7 +8,7 @@ use actix_web::HttpResponse;
 use bytes::Bytes;
 use futures_util::stream;
 use ksrpc_core::codec::{ChunkedZlib, Codec, Flow};
-use ksrpc_core::{CompatReply, Reservation};
+use ksrpc_core::{native, CallOutcome, CompatReply, Reservation};
 
 use crate::cached::{CacheMark, Store};
 
@@ -24,31 +24,84 @@ static REPLY_NUMBER: AtomicU64 = AtomicU64::new(1);
 /// unless `limits.send_timeout` says otherwise.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The client's address as the server believes it (the connection's peer,
+/// or what a trusted proxy says; see [`crate::forwarded`]); `-` unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientIp(pub Option<std::net::IpAddr>);
+
+impl std::fmt::Display for ClientIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => write!(f, "{ip}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// Who made a call: the user and the client's address.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The authenticated user's name.
+    pub user: String,
+    /// Where the call came from.
+    pub peer: ClientIp,
+}
+
+/// How one call went, for [`log_call`].
+#[derive(Debug)]
+pub struct CallStats<'a> {
+    /// The chain, with argument counts and no values.
+    pub summary: &'a str,
+    /// The reply's status (200, or 500 when the call raised).
+    pub status: u16,
+    /// How the call ended.
+    pub outcome: &'a CallOutcome,
+    /// The result cache's part.
+    pub cache: CacheMark,
+    /// Request bytes on the wire.
+    pub bytes_in: u64,
+    /// Reply bytes on the wire.
+    pub bytes_out: u64,
+}
+
 /// The one per-call log line of every protocol and transport: `what` names
 /// the protocol (`call`: 0.8.1, `native call`, `native ws call`), then user,
-/// chain (argument counts only), reply status, the result cache's part,
-/// bytes in and out, milliseconds.
-#[allow(clippy::too_many_arguments)]
-pub fn log_call(
-    what: &'static str,
-    user: &str,
-    summary: &str,
-    status: u16,
-    cache: CacheMark,
-    bytes_in: u64,
-    bytes_out: u64,
-    started: Instant,
-) {
-    tracing::info!(
-        user,
-        chain = %summary,
-        status,
-        cache = %cache,
-        bytes_in,
-        bytes_out,
-        ms = started.elapsed().as_millis() as u64,
-        "{what}"
-    );
+/// peer, chain (argument counts only), reply status, outcome (`ok`, `end` of
+/// a generator, `refused` by the rules, `timeout`, `error:<Type>`), the
+/// result cache's part, bytes in and out, milliseconds. Refused and timed
+/// out calls are warnings: an admin acts on them.
+pub fn log_call(what: &'static str, caller: &Caller, call: CallStats<'_>, started: Instant) {
+    let ms = started.elapsed().as_millis() as u64;
+    let CallStats { summary, status, outcome, cache, bytes_in, bytes_out } = call;
+    macro_rules! line {
+        ($level:ident) => {
+            tracing::$level!(
+                user = %caller.user,
+                peer = %caller.peer,
+                chain = %summary,
+                status,
+                outcome = %outcome,
+                cache = %cache,
+                bytes_in,
+                bytes_out,
+                ms,
+                "{what}"
+            )
+        };
+    }
+    match outcome {
+        CallOutcome::Refused | CallOutcome::Timeout => line!(warn),
+        _ => line!(info),
+    }
+}
+
+/// How a native call ended.
+pub fn outcome_of(outcome: &native::Outcome) -> CallOutcome {
+    match outcome {
+        native::Outcome::Err(e) => CallOutcome::of_exception(&e.kind),
+        native::Outcome::Exhausted => CallOutcome::End,
+        _ => CallOutcome::Ok,
+    }
 }
 
 /// The HTTP reply: 200 with a chunked body, slices compressed in parallel
@@ -66,7 +119,7 @@ pub fn log_call(
 pub fn stream_reply(
     codec: &ChunkedZlib,
     reply: CompatReply,
-    user: String,
+    caller: Caller,
     bytes_in: u64,
     started: Instant,
     held: Reservation,
@@ -91,16 +144,16 @@ pub fn stream_reply(
             }
             Err(e) => tracing::error!("encoding a reply: {e}"),
         }
-        log_call(
-            "call",
-            &user,
-            &reply.summary,
-            reply.status,
-            mark,
+        let bytes_out = out.iter().map(|p| p.len() as u64).sum();
+        let stats = CallStats {
+            summary: &reply.summary,
+            status: reply.status,
+            outcome: &reply.outcome,
+            cache: mark,
             bytes_in,
-            out.iter().map(|p| p.len() as u64).sum(),
-            started,
-        );
+            bytes_out,
+        };
+        log_call("call", &caller, stats, started);
         drop(held);
         return res.streaming(stream::iter(out.into_iter().map(Ok::<Bytes, actix_web::Error>)));
     }
@@ -129,9 +182,17 @@ pub fn stream_reply(
                     s.finish(reply.summary.clone());
                 }
             }
-            Err(e) => tracing::warn!(user, "reply not fully sent: {e}"),
+            Err(e) => tracing::warn!(user = %caller.user, peer = %caller.peer, "reply not fully sent: {e}"),
         }
-        log_call("call", &user, &reply.summary, reply.status, mark, bytes_in, bytes_out, started);
+        let stats = CallStats {
+            summary: &reply.summary,
+            status: reply.status,
+            outcome: &reply.outcome,
+            cache: mark,
+            bytes_in,
+            bytes_out,
+        };
+        log_call("call", &caller, stats, started);
     });
     let body = stream::unfold(Some(rx), move |rx| {
         let complete = complete.clone();
@@ -166,13 +227,21 @@ fn reply_head() -> actix_web::HttpResponseBuilder {
 /// entry: no Python, no encoding, no copy.
 pub fn cached_reply(
     entry: std::sync::Arc<ksrpc_cache::Entry>,
-    user: &str,
+    caller: &Caller,
     bytes_in: u64,
     started: Instant,
 ) -> HttpResponse {
     const PIECE: usize = 256 * 1024;
     let body = entry.body.clone();
-    log_call("call", user, &entry.summary, 200, CacheMark::Hit, bytes_in, body.len() as u64, started);
+    let stats = CallStats {
+        summary: &entry.summary,
+        status: 200,
+        outcome: &CallOutcome::Ok,
+        cache: CacheMark::Hit,
+        bytes_in,
+        bytes_out: body.len() as u64,
+    };
+    log_call("call", caller, stats, started);
     let pieces = (0..body.len())
         .step_by(PIECE)
         .map(move |at| Ok::<Bytes, actix_web::Error>(body.slice(at..(at + PIECE).min(body.len()))));

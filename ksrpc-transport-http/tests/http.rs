@@ -38,6 +38,7 @@ impl Executor for Echo {
             body: body.into(),
             summary: format!("echo for {}", req.user.name),
             cache_chain: None,
+            outcome: ksrpc_core::CallOutcome::Ok,
         })
     }
 
@@ -60,6 +61,7 @@ fn state(limits: Limits) -> web::Data<HttpState> {
         body_idle: std::time::Duration::from_secs(60),
         send_timeout: std::time::Duration::from_secs(300),
         cache: None,
+        trusted_proxies: Vec::new(),
     })
 }
 

@@ -20,7 +20,7 @@ use ksrpc_core::codec::{Codec, CodecError, Flow, WsEvent, WsFrame, EOF};
 use ksrpc_core::ChunkedZlib;
 use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError};
 use ksrpc_transport_http::cached::{self, CacheMark, Store};
-use ksrpc_transport_http::{log_call, user_of, HttpState, TransportError};
+use ksrpc_transport_http::{caller_of, log_call, CallStats, Caller, HttpState, TransportError};
 use std::sync::Arc;
 
 /// A request (or, on `/v2/ws`, a message) that stops half-way is dropped
@@ -46,12 +46,12 @@ async fn upgrade(
     body: web::Payload,
     state: web::Data<HttpState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let user = user_of(&req)?;
+    let (user, caller) = caller_of(&req)?;
     let (response, session, messages) = actix_ws::handle(&req, body)?;
     // actix's default frame limit (64 KiB) is below the client's ~128 KiB
     // slices; allow a whole encoded slice per frame.
     let messages = messages.max_frame_size(state.codec.max_encoded_slice + 1024).aggregate_continuations();
-    actix_web::rt::spawn(serve(state.into_inner(), user, session, messages));
+    actix_web::rt::spawn(serve(state.into_inner(), (user, caller), session, messages));
     Ok(response)
 }
 
@@ -60,7 +60,12 @@ pub(crate) fn close_reason(code: CloseCode, text: impl Into<String>) -> Option<C
 }
 
 /// Serves one socket until the client closes it or breaks the protocol.
-async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut messages: AggregatedMessageStream) {
+async fn serve(
+    state: Arc<HttpState>,
+    (user, caller): (Arc<User>, Caller),
+    mut session: Session,
+    mut messages: AggregatedMessageStream,
+) {
     let mut decoder = state.codec.ws_decoder(state.limits);
     // What the socket holds (a request being decoded, then its reply),
     // charged to the user's and the server's memory budget.
@@ -167,7 +172,15 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
                         None => return,
                     }
                 }
-                log_call("call", &user.name, &entry.summary, 200, CacheMark::Hit, bytes_in, sent, started);
+                let stats = CallStats {
+                    summary: &entry.summary,
+                    status: 200,
+                    outcome: &ksrpc_core::CallOutcome::Ok,
+                    cache: CacheMark::Hit,
+                    bytes_in,
+                    bytes_out: sent,
+                };
+                log_call("call", &caller, stats, started);
                 bytes_in = 0;
                 continue;
             }
@@ -195,20 +208,30 @@ async fn serve(state: Arc<HttpState>, user: Arc<User>, mut session: Session, mut
         let reply = match outcome {
             Ok(r) => r,
             Err(ExecError::BadRequest { message, reply, summary }) => {
-                tracing::warn!(user = %user.name, chain = %summary, "bad request: {message}");
-                CompatReply { status: 500, body: reply, summary, cache_chain: None }
+                tracing::warn!(user = %user.name, peer = %caller.peer, chain = %summary, "bad request: {message}");
+                let outcome = ksrpc_core::CallOutcome::Error("BadRequest".into());
+                CompatReply { status: 500, body: reply, summary, cache_chain: None, outcome }
             }
             Err(e) => {
                 let t: TransportError = e.into();
                 let body = compat::error_reply("", "RuntimeError", &t.to_string(), "", &compat::utc_now_iso());
-                CompatReply { status: 500, body: body.into(), summary: "<not run>".into(), cache_chain: None }
+                let outcome = ksrpc_core::CallOutcome::Error("RuntimeError".into());
+                CompatReply { status: 500, body: body.into(), summary: "<not run>".into(), cache_chain: None, outcome }
             }
         };
         let reply = ksrpc_transport_http::admit_compat_reply(reply, &mut held, &user.name);
         let (mark, store) = cached::compat_after(&state, fill, &reply);
         match send_reply(&state, &mut session, &reply, store).await {
             Some(bytes_out) => {
-                log_call("call", &user.name, &reply.summary, reply.status, mark, bytes_in, bytes_out, started)
+                let stats = CallStats {
+                    summary: &reply.summary,
+                    status: reply.status,
+                    outcome: &reply.outcome,
+                    cache: mark,
+                    bytes_in,
+                    bytes_out,
+                };
+                log_call("call", &caller, stats, started)
             }
             None => return,
         }

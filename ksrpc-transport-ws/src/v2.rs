@@ -23,7 +23,7 @@ use ksrpc_core::native::{self, ClientMessage, NativeError, Outcome, RemoteError,
 use ksrpc_core::Reservation;
 use ksrpc_core::{ExecError, NativeRequest};
 use ksrpc_transport_http::cached::{self, CacheMark};
-use ksrpc_transport_http::{log_call, user_of, HttpState};
+use ksrpc_transport_http::{caller_of, log_call, outcome_of, CallStats, Caller, HttpState};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::AbortHandle;
 
@@ -47,11 +47,11 @@ pub(crate) async fn upgrade(
     body: web::Payload,
     state: web::Data<HttpState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let user = user_of(&req)?;
+    let (user, caller) = caller_of(&req)?;
     let (response, session, messages) = actix_ws::handle(&req, body)?;
     let messages =
         messages.max_frame_size(mux::MAX_FRAME).aggregate_continuations().max_continuation_size(mux::MAX_FRAME);
-    actix_web::rt::spawn(Socket::new(state.into_inner(), user, session).serve(messages));
+    actix_web::rt::spawn(Socket::new(state.into_inner(), user, caller, session).serve(messages));
     Ok(response)
 }
 
@@ -68,6 +68,7 @@ type Finished = (u64, Option<Bytes>);
 struct Socket {
     state: Arc<HttpState>,
     user: Arc<User>,
+    caller: Caller,
     session: Session,
     reassembler: Reassembler,
     /// Calls not answered yet: their task and the size of their message.
@@ -95,7 +96,7 @@ struct Socket {
 type Stop = Option<(CloseCode, String)>;
 
 impl Socket {
-    fn new(state: Arc<HttpState>, user: Arc<User>, session: Session) -> Self {
+    fn new(state: Arc<HttpState>, user: Arc<User>, caller: Caller, session: Session) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let held = state.budget.reservation(&user.name);
         Socket {
@@ -104,6 +105,7 @@ impl Socket {
             reassembler: Reassembler::new(state.limits),
             state,
             user,
+            caller,
             session,
             in_flight: HashMap::new(),
             queued_bytes: 0,
@@ -308,7 +310,7 @@ impl Socket {
         }
         let task = actix_web::rt::spawn(run_call(
             self.state.clone(),
-            self.user.clone(),
+            (self.user.clone(), self.caller.clone()),
             self.permits.clone(),
             (id, weight),
             chain,
@@ -350,7 +352,7 @@ impl Socket {
 /// Runs one call and hands its encoded reply to the socket's writer.
 async fn run_call(
     state: Arc<HttpState>,
-    user: Arc<User>,
+    (user, caller): (Arc<User>, Caller),
     permits: Arc<Semaphore>,
     (id, bytes_in): (u64, u64),
     chain: ksrpc_core::CallChain<native::Value>,
@@ -368,16 +370,15 @@ async fn run_call(
                 Ok(bytes) => Bytes::from(bytes),
                 Err(e) => internal_error(id, e.to_string()),
             };
-            log_call(
-                "native ws call",
-                &user.name,
-                &summary,
-                200,
-                CacheMark::Hit,
+            let stats = CallStats {
+                summary: &summary,
+                status: 200,
+                outcome: &ksrpc_core::CallOutcome::Ok,
+                cache: CacheMark::Hit,
                 bytes_in,
-                reply.len() as u64,
-                started,
-            );
+                bytes_out: reply.len() as u64,
+            };
+            log_call("native ws call", &caller, stats, started);
             let _ = done.send((id, Some(reply)));
             return;
         }
@@ -388,6 +389,7 @@ async fn run_call(
         Err(e) => Outcome::Err(exec_error(&e)),
     };
     let status = if matches!(outcome, Outcome::Err(_)) { 500 } else { 200 };
+    let call_outcome = outcome_of(&outcome);
     let mark = if status == 200 { mark } else { CacheMark::Skip };
     if id == 0 {
         // CloseHandle: nobody waits for an answer.
@@ -398,7 +400,15 @@ async fn run_call(
         Ok(bytes) => Bytes::from(bytes),
         Err(e) => internal_error(id, e.to_string()),
     };
-    log_call("native ws call", &user.name, &summary, status, mark, bytes_in, reply.len() as u64, started);
+    let stats = CallStats {
+        summary: &summary,
+        status,
+        outcome: &call_outcome,
+        cache: mark,
+        bytes_in,
+        bytes_out: reply.len() as u64,
+    };
+    log_call("native ws call", &caller, stats, started);
     let _ = done.send((id, Some(reply)));
 }
 

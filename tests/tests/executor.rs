@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ksrpc_core::{CompatRequest, ExecError, Executor};
+use ksrpc_core::{CallOutcome, CompatRequest, ExecError, Executor};
 use ksrpc_tests::{executor, request, seen, user};
 
 const DEMO: &str = "ksrpc.server.demo";
@@ -72,6 +72,8 @@ async fn a_call_over_the_timeout_becomes_a_timeout_error_and_its_thread_is_freed
         .unwrap();
     let s = seen(&reply.body);
     assert_eq!((s.status, s.kind.as_str()), (500, "TimeoutError"), "{s:?}");
+    // The log line names the chain (Python told it before the timeout).
+    assert_eq!((reply.summary.as_str(), &reply.outcome), ("bench_mod.spin(1 arg)", &CallOutcome::Timeout));
     // The spinning call is interrupted, so even with one thread the next call runs.
     let reply = ex
         .call_compat(CompatRequest { user: admin, payload: request("", DEMO, &call("add", "(1, 2)"), 0) })
@@ -187,4 +189,28 @@ async fn sys_executable_is_the_venv_python_and_the_venv_imports() {
         .await
         .unwrap();
     assert_eq!(seen(&reply.body).data, "'dill'");
+}
+
+/// Each compat reply says how its call ended, for the log line: a result, a
+/// refusal by the rules, an exception's type, a generator's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compat_replies_say_how_the_call_ended() {
+    let ex = executor(|_| {});
+    let admin = user("admin", &["allow *"]);
+    let limited = user("limited", &["allow ksrpc.server.demo", "deny *"]);
+    let run = |who: &Arc<ksrpc_core::User>, module: &str, calls: &str, ref_id: u64| {
+        ex.call_compat(CompatRequest { user: who.clone(), payload: request("", module, calls, ref_id) })
+    };
+    assert_eq!(run(&admin, DEMO, &call("add", "(1, 2)"), 0).await.unwrap().outcome, CallOutcome::Ok);
+    assert_eq!(run(&limited, "os", &call("getcwd", "()"), 0).await.unwrap().outcome, CallOutcome::Refused);
+    let div = run(&admin, DEMO, &call("div", "(1, 0)"), 0).await.unwrap();
+    assert_eq!(div.outcome, CallOutcome::Error("ZeroDivisionError".into()));
+    // A generator: its handle, one item, then the end.
+    let made = run(&admin, "bench_mod", &call("countdown", "(1,)"), 0).await.unwrap();
+    assert_eq!(made.outcome, CallOutcome::Ok);
+    let handle = seen(&made.body).ref_id;
+    assert_ne!(handle, 0);
+    let next = "[RpcCall('countdown', None, None), RpcCall('__anext__', (), {})]";
+    assert_eq!(run(&admin, "bench_mod", next, handle).await.unwrap().outcome, CallOutcome::Ok);
+    assert_eq!(run(&admin, "bench_mod", next, handle).await.unwrap().outcome, CallOutcome::End);
 }

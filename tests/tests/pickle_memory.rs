@@ -17,7 +17,6 @@ use ksrpc_py::PyExecutor;
 use ksrpc_tests::{executor, user};
 use proptest::prelude::*;
 
-
 /// The embedded interpreter, started once by an executor.
 fn python() -> &'static PyExecutor {
     static EX: OnceLock<PyExecutor> = OnceLock::new();

@@ -259,7 +259,7 @@ class CompatPathTest(unittest.TestCase):
         payload = __import__("pickle").dumps(dict(module=module, calls=calls, ref_id=0), protocol=4)
         seen = []
         for fast in (False, True):
-            status, bad, reply, _, _ = self.ex.handle(1, "u", rules, payload, fast)
+            status, bad, reply, _, _, _ = self.ex.handle(1, "u", rules, payload, fast)
             seen.append((status, bad, __import__("pickle").loads(reply)["data"]))
         self.assertEqual([type(d) for _, _, d in seen], [type(seen[0][2])] * 2, seen)
         return seen[0]

@@ -270,8 +270,11 @@ class ExecutorTest(unittest.TestCase):
     def send(self, payload, rules=FULL, user="alice", ex=None, call_id=None):
         result = (ex or self.ex).handle(call_id or next(self._ids), user, rules, payload)
         self.assertIsInstance(result, tuple)
-        status, bad, reply, summary, cache_chain = result
+        status, bad, reply, summary, cache_chain, raised = result
         self.assertTrue(cache_chain is None or (status == 200 and isinstance(cache_chain, str)))
+        # `raised` names the exception of a call that raised (for the log line), and only then.
+        self.assertEqual(raised is None, status == 200, (status, raised))
+        self.assertTrue(raised is None or isinstance(raised, str))
         d = (dill.loads if dill is not None else pickle.loads)(reply)
         self.assertEqual(d["status"], status)
         self.assertEqual(set(d), {"status", "datetime", "module", "calls", "ref_id", "type", "data", "traceback"})
@@ -845,7 +848,7 @@ class ThreadTest(ExecutorTest):
         BARRIER.reset()
         results = self.run_in_threads(
             lambda i: ex.handle(1000 + i, "alice", HELPERS, request(MOD, call("meet_at_barrier"))), 3)
-        for status, bad, reply, _, _ in results:
+        for status, bad, reply, _, _, _ in results:
             self.assertEqual((status, bad), (200, None), pickle.loads(reply).get("traceback"))
         self.assertEqual(sorted(pickle.loads(r[2])["data"] for r in results), [0, 1, 2])
 
@@ -853,9 +856,10 @@ class ThreadTest(ExecutorTest):
         BARRIER.reset()
         results = self.run_in_threads(
             lambda i: self.ex.handle(1100 + i, "alice", HELPERS, request(MOD, call("meet_at_barrier"))), 3)
-        for status, _, reply, _, _ in results:  # one at a time, so no two ever meet
+        for status, _, reply, _, _, raised in results:  # one at a time, so no two ever meet
             self.assertEqual(status, 500)
             self.assertIn("BrokenBarrierError", str(pickle.loads(reply)["data"]))
+            self.assertEqual(raised, "BrokenBarrierError")
         names = self.run_in_threads(lambda i: pickle.loads(self.ex.handle(
             1200 + i, "alice", HELPERS, request(MOD, call("thread_name")))[2])["data"], 3)
         self.assertEqual(set(names), {LANE})
@@ -982,7 +986,7 @@ class BuildRulesTest(ExecutorTest):
     def both(self, payload, rules):
         out = []
         for fast in (False, True):
-            status, bad, reply, _, _ = self.ex.handle(next(self._ids), "alice", rules, payload, fast)
+            status, bad, reply, _, _, _ = self.ex.handle(next(self._ids), "alice", rules, payload, fast)
             out.append((fast, status, bad, (dill.loads if dill is not None else pickle.loads)(reply)["data"]))
         return out
 
@@ -999,7 +1003,7 @@ class BuildRulesTest(ExecutorTest):
                 payload = (dill if use_dill else pickle).dumps(
                     dict(module=MOD, calls=[call("identity", value)], ref_id=0), protocol=proto)
                 for fast in (False, True) if proto >= 3 else (False,):  # the Rust scan sends protocol 3+ only
-                    status, bad, reply, _, _ = self.ex.handle(next(self._ids), "alice", rules, payload, fast)
+                    status, bad, reply, _, _, _ = self.ex.handle(next(self._ids), "alice", rules, payload, fast)
                     got = (dill.loads if dill is not None else pickle.loads)(reply)["data"]
                     self.assertEqual((status, bad), (200, None), f"dill={use_dill} protocol={proto} fast={fast}: {got}")
                     yield got
@@ -1219,7 +1223,7 @@ class FastPathTest(ExecutorTest):
     server's Rust scan cleared; the find_class allow-list must hold there too."""
 
     def fast(self, payload, rules=FULL):
-        status, bad, reply, summary, _ = self.ex.handle(next(self._ids), "alice", rules, payload, True)
+        status, bad, reply, summary, _, _ = self.ex.handle(next(self._ids), "alice", rules, payload, True)
         return status, bad, (dill.loads if dill is not None else pickle.loads)(reply), summary
 
     def test_a_plain_call_gives_the_same_reply(self):
