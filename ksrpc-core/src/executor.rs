@@ -28,8 +28,8 @@ pub enum CallOutcome {
     Ok,
     /// A generator had no more items (the 0.8.1 client's `StopAsyncIteration`).
     End,
-    /// The user's rules refused it (`PermissionError`).
-    Refused,
+    /// The user's rules refused it (`PermissionError`): why.
+    Refused(String),
     /// It ran past the call timeout (`TimeoutError`).
     Timeout,
     /// It raised: the exception's type name.
@@ -37,11 +37,12 @@ pub enum CallOutcome {
 }
 
 impl CallOutcome {
-    /// The outcome of a call that raised `kind` (an exception type name).
-    pub fn of_exception(kind: &str) -> CallOutcome {
+    /// The outcome of a call that raised `kind` (an exception type name)
+    /// with `message`.
+    pub fn of_exception(kind: &str, message: &str) -> CallOutcome {
         match kind {
             "StopAsyncIteration" | "StopIteration" => CallOutcome::End,
-            "PermissionError" => CallOutcome::Refused,
+            "PermissionError" => CallOutcome::Refused(message.chars().take(300).collect()),
             "TimeoutError" => CallOutcome::Timeout,
             other => CallOutcome::Error(other.to_owned()),
         }
@@ -53,7 +54,7 @@ impl std::fmt::Display for CallOutcome {
         match self {
             CallOutcome::Ok => f.write_str("ok"),
             CallOutcome::End => f.write_str("end"),
-            CallOutcome::Refused => f.write_str("refused"),
+            CallOutcome::Refused(_) => f.write_str("refused"),
             CallOutcome::Timeout => f.write_str("timeout"),
             CallOutcome::Error(kind) => write!(f, "error:{kind}"),
         }

@@ -1377,6 +1377,17 @@ class _Handles:
 # The executor
 # ---------------------------------------------------------------------------
 
+def _rule_against(rules, module):
+    """The rule that refuses `module`, for the refusal's message and log line."""
+    rule = rules.first_match(module)
+    return "no rule allows it" if rule is None else f"rule {'allow' if rule[1] else 'deny'} {rule[0]}"
+
+
+def _raised(exc):
+    """(type name, one-line message, at most 300 characters) of an exception, for the log."""
+    return type(exc).__name__, _one_line(_safe_str(exc))[:300]
+
+
 class Executor:
     """Runs ksrpc 0.8.1 calls for the Rust server; `handle` is called from many threads."""
 
@@ -1414,8 +1425,9 @@ class Executor:
                ) -> tuple[int, str | None, bytes, str, str | None, str | None]:
         """One request -> (reply_status, bad_request, reply_bytes, summary, cache_chain, raised).
         Never raises. `cache_chain` is the dotted chain when the reply may be cached (a plain
-        result: not an error, not a generator, see `_cache_chain`), else None; `raised` is the
-        type name of the exception the call raised (None: it returned), for the log line.
+        result: not an error, not a generator, see `_cache_chain`), else None; `raised` is
+        (type name, one-line message) of the exception the call raised (None: it returned),
+        for the log line.
         `fast`: the caller proved the pickle mutates only objects it builds (see
         `_FastUnpickler`), so the C unpickler may load it; it hands the request to the
         careful unpickler when a global needs that one's checks."""
@@ -1435,12 +1447,12 @@ class Executor:
             except BaseException as e:
                 msg = _one_line(e if isinstance(e, (_Refused, _NeedsDill)) else
                                 f"undecodable request pickle: {type(e).__name__}: {_safe_str(e)}")
-                return 500, msg, self._bad_reply(e, msg), summary, None, type(e).__name__
+                return 500, msg, self._bad_reply(e, msg), summary, None, _raised(e)
             try:
                 module, calls, ref_id = _validate(req, (self._RpcCall, self._RpcClient))
             except Exception as e:
                 msg = _one_line(f"invalid request: {_safe_str(e)}")
-                return 500, msg, self._bad_reply(e, msg), "<invalid>", None, type(e).__name__
+                return 500, msg, self._bad_reply(e, msg), "<invalid>", None, _raised(e)
             del req
             summary = _summarize(module, calls, ref_id)
             if self._note is not None:
@@ -1452,12 +1464,12 @@ class Executor:
                 if status == 200 and not handle:
                     cache_chain = _cache_chain(module, calls, ref_id, self._RpcClient)
                 elif status != 200:
-                    raised = "RuntimeError"  # the result could not be pickled (see _ok_reply)
+                    raised = ("RuntimeError", "the result could not be pickled")  # see _ok_reply
             except BaseException as e:
-                status, reply, raised = 500, error_reply(module, e, traceback.format_exc()), type(e).__name__
+                status, reply, raised = 500, error_reply(module, e, traceback.format_exc()), _raised(e)
             return status, None, reply, summary, cache_chain, raised
         except BaseException as e:  # last resort, e.g. an exception injected while replying
-            return 500, None, error_reply(module, e, traceback.format_exc()), summary, None, type(e).__name__
+            return 500, None, error_reply(module, e, traceback.format_exc()), summary, None, _raised(e)
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
@@ -1638,11 +1650,13 @@ class Executor:
     # -- chain resolution --------------------------------------------------------
     def _import(self, ctx, name):
         if not ctx.rules.allows(name):
-            raise PermissionError(f"import of {name!r} is not allowed for user {ctx.user!r}")
+            raise PermissionError(f"import of {name!r} is not allowed for user {ctx.user!r} "
+                                  f"({_rule_against(ctx.rules, name)})")
         mod = importlib.import_module(name)
         real = getattr(mod, "__name__", name)
         if not isinstance(real, str) or not ctx.rules.allows(real):  # os.path is posixpath
-            raise PermissionError(f"module {name!r} is {real!r}, which is not allowed for user {ctx.user!r}")
+            raise PermissionError(f"module {name!r} is {real!r}, which is not allowed for user {ctx.user!r} "
+                                  f"({_rule_against(ctx.rules, real)})")
         return mod
 
     def _submodule(self, ctx, mod, name):
@@ -1660,7 +1674,8 @@ class Executor:
         if inspect.ismodule(obj):
             name = getattr(obj, "__name__", None)
             if not isinstance(name, str) or not ctx.rules.allows(name):
-                raise PermissionError(f"module {name!r} is not allowed for user {ctx.user!r}")
+                raise PermissionError(f"module {name!r} is not allowed for user {ctx.user!r} "
+                                      f"({_rule_against(ctx.rules, name)})")
         elif not ctx.builtins and (
                 isinstance(obj, _INTERNAL_TYPES)
                 or (isinstance(obj, types.BuiltinFunctionType) and getattr(obj, "__self__", None) is builtins)

@@ -434,9 +434,9 @@ fn run_compat(
         Bound<'_, PyBytes>,
         String,
         Option<String>,
-        Option<String>,
+        Option<(String, String)>,
     ) = result.extract().map_err(internal)?;
-    let outcome = raised.as_deref().map_or(CallOutcome::Ok, CallOutcome::of_exception);
+    let outcome = raised.map_or(CallOutcome::Ok, |(kind, message)| CallOutcome::of_exception(&kind, &message));
     if let Some(message) = bad_request {
         return Err(ExecError::BadRequest { message, reply: zero_copy(reply), summary });
     }

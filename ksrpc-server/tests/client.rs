@@ -1540,6 +1540,7 @@ async fn log_lines_name_the_peer_and_the_outcome_and_failed_logins_are_bounded()
         (&refused["outcome"], &refused["user"], &refused["level"]),
         (&serde_json::json!("refused"), &serde_json::json!("limited"), &serde_json::json!("WARN"))
     );
+    assert!(refused["reason"].as_str().unwrap_or_default().contains("(rule deny *)"), "the refusing rule: {refused}");
     assert_eq!(call("ksrpc.server.demo.div(2 args)")["outcome"], serde_json::json!("error:ZeroDivisionError"));
     assert_eq!(call("bench_mod.sleep(1 arg)")["outcome"], serde_json::json!("timeout"));
     assert!(lines.iter().any(|l| l["outcome"] == "end"), "no generator end line:\n{text}");

@@ -67,9 +67,10 @@ pub struct CallStats<'a> {
 /// The one per-call log line of every protocol and transport: `what` names
 /// the protocol (`call`: 0.8.1, `native call`, `native ws call`), then user,
 /// peer, chain (argument counts only), reply status, outcome (`ok`, `end` of
-/// a generator, `refused` by the rules, `timeout`, `error:<Type>`), the
-/// result cache's part, bytes in and out, milliseconds. Refused and timed
-/// out calls are warnings: an admin acts on them.
+/// a generator, `refused` by the rules (with `reason`, naming the rule),
+/// `timeout`, `error:<Type>`), the result cache's part, bytes in and out,
+/// milliseconds. Refused and timed out calls are warnings: an admin acts on
+/// them.
 pub fn log_call(what: &'static str, caller: &Caller, call: CallStats<'_>, started: Instant) {
     let ms = started.elapsed().as_millis() as u64;
     let CallStats { summary, status, outcome, cache, bytes_in, bytes_out } = call;
@@ -90,7 +91,20 @@ pub fn log_call(what: &'static str, caller: &Caller, call: CallStats<'_>, starte
         };
     }
     match outcome {
-        CallOutcome::Refused | CallOutcome::Timeout => line!(warn),
+        CallOutcome::Refused(reason) => tracing::warn!(
+            user = %caller.user,
+            peer = %caller.peer,
+            chain = %summary,
+            status,
+            outcome = %outcome,
+            reason = %reason,
+            cache = %cache,
+            bytes_in,
+            bytes_out,
+            ms,
+            "{what}"
+        ),
+        CallOutcome::Timeout => line!(warn),
         _ => line!(info),
     }
 }
@@ -98,7 +112,7 @@ pub fn log_call(what: &'static str, caller: &Caller, call: CallStats<'_>, starte
 /// How a native call ended.
 pub fn outcome_of(outcome: &native::Outcome) -> CallOutcome {
     match outcome {
-        native::Outcome::Err(e) => CallOutcome::of_exception(&e.kind),
+        native::Outcome::Err(e) => CallOutcome::of_exception(&e.kind, &e.message),
         native::Outcome::Exhausted => CallOutcome::End,
         _ => CallOutcome::Ok,
     }
