@@ -410,6 +410,11 @@ fn remote_error(py: Python<'_>, e: &PyErr) -> RemoteError {
     }
 }
 
+/// What the Python executor's `handle` returns: reply status, bad-request
+/// message, reply bytes, chain summary, cache chain, and (type, message) of
+/// what the call raised.
+type Handled<'py> = (u16, Option<String>, Bound<'py, PyBytes>, String, Option<String>, Option<(String, String)>);
+
 fn run_compat(
     py: Python<'_>,
     shared: &Shared,
@@ -428,14 +433,7 @@ fn run_compat(
         .bind(py)
         .call_method1("handle", (id, user.name.as_str(), rules, py_payload, fast))
         .map_err(internal)?;
-    let (status, bad_request, reply, summary, cache_chain, raised): (
-        u16,
-        Option<String>,
-        Bound<'_, PyBytes>,
-        String,
-        Option<String>,
-        Option<(String, String)>,
-    ) = result.extract().map_err(internal)?;
+    let (status, bad_request, reply, summary, cache_chain, raised): Handled<'_> = result.extract().map_err(internal)?;
     let outcome = raised.map_or(CallOutcome::Ok, |(kind, message)| CallOutcome::of_exception(&kind, &message));
     if let Some(message) = bad_request {
         return Err(ExecError::BadRequest { message, reply: zero_copy(reply), summary });
