@@ -626,14 +626,7 @@ async fn v2_call(
         cached::NativeStart::Hit(entry) => {
             held.force(0);
             let body = cached::native_hit(id, entry).await?;
-            let stats = CallStats {
-                summary: &summary,
-                status: 200,
-                outcome: &ksrpc_core::CallOutcome::Ok,
-                cache: cached::CacheMark::Hit,
-                bytes_in,
-                bytes_out: body.len() as u64,
-            };
+            let stats = CallStats::hit(&summary, bytes_in, body.len() as u64);
             log_call("native call", &caller, stats, started);
             return Ok(native_response(actix_web::http::StatusCode::OK, body));
         }

@@ -64,6 +64,18 @@ pub struct CallStats<'a> {
     pub bytes_out: u64,
 }
 
+impl<'a> CallStats<'a> {
+    /// The stats of a compat call answered with `reply`.
+    pub fn of_reply(reply: &'a CompatReply, cache: CacheMark, bytes_in: u64, bytes_out: u64) -> Self {
+        CallStats { summary: &reply.summary, status: reply.status, outcome: &reply.outcome, cache, bytes_in, bytes_out }
+    }
+
+    /// The stats of a call answered from the result cache.
+    pub fn hit(summary: &'a str, bytes_in: u64, bytes_out: u64) -> Self {
+        CallStats { summary, status: 200, outcome: &CallOutcome::Ok, cache: CacheMark::Hit, bytes_in, bytes_out }
+    }
+}
+
 /// The one per-call log line of every protocol and transport: `what` names
 /// the protocol (`call`: 0.8.1, `native call`, `native ws call`), then user,
 /// peer, chain (argument counts only), reply status, outcome (`ok`, `end` of
@@ -75,13 +87,14 @@ pub fn log_call(what: &'static str, caller: &Caller, call: CallStats<'_>, starte
     let ms = started.elapsed().as_millis() as u64;
     let CallStats { summary, status, outcome, cache, bytes_in, bytes_out } = call;
     macro_rules! line {
-        ($level:ident) => {
+        ($level:ident; $($extra:tt)*) => {
             tracing::$level!(
                 user = %caller.user,
                 peer = %caller.peer,
                 chain = %summary,
                 status,
                 outcome = %outcome,
+                $($extra)*
                 cache = %cache,
                 bytes_in,
                 bytes_out,
@@ -91,21 +104,9 @@ pub fn log_call(what: &'static str, caller: &Caller, call: CallStats<'_>, starte
         };
     }
     match outcome {
-        CallOutcome::Refused(reason) => tracing::warn!(
-            user = %caller.user,
-            peer = %caller.peer,
-            chain = %summary,
-            status,
-            outcome = %outcome,
-            reason = %reason,
-            cache = %cache,
-            bytes_in,
-            bytes_out,
-            ms,
-            "{what}"
-        ),
-        CallOutcome::Timeout => line!(warn),
-        _ => line!(info),
+        CallOutcome::Refused(reason) => line!(warn; reason = %reason,),
+        CallOutcome::Timeout => line!(warn;),
+        _ => line!(info;),
     }
 }
 
@@ -159,14 +160,7 @@ pub fn stream_reply(
             Err(e) => tracing::error!("encoding a reply: {e}"),
         }
         let bytes_out = out.iter().map(|p| p.len() as u64).sum();
-        let stats = CallStats {
-            summary: &reply.summary,
-            status: reply.status,
-            outcome: &reply.outcome,
-            cache: mark,
-            bytes_in,
-            bytes_out,
-        };
+        let stats = CallStats::of_reply(&reply, mark, bytes_in, bytes_out);
         log_call("call", &caller, stats, started);
         drop(held);
         return res.streaming(stream::iter(out.into_iter().map(Ok::<Bytes, actix_web::Error>)));
@@ -198,14 +192,7 @@ pub fn stream_reply(
             }
             Err(e) => tracing::warn!(user = %caller.user, peer = %caller.peer, "reply not fully sent: {e}"),
         }
-        let stats = CallStats {
-            summary: &reply.summary,
-            status: reply.status,
-            outcome: &reply.outcome,
-            cache: mark,
-            bytes_in,
-            bytes_out,
-        };
+        let stats = CallStats::of_reply(&reply, mark, bytes_in, bytes_out);
         log_call("call", &caller, stats, started);
     });
     let body = stream::unfold(Some(rx), move |rx| {
@@ -247,14 +234,7 @@ pub fn cached_reply(
 ) -> HttpResponse {
     const PIECE: usize = 256 * 1024;
     let body = entry.body.clone();
-    let stats = CallStats {
-        summary: &entry.summary,
-        status: 200,
-        outcome: &CallOutcome::Ok,
-        cache: CacheMark::Hit,
-        bytes_in,
-        bytes_out: body.len() as u64,
-    };
+    let stats = CallStats::hit(&entry.summary, bytes_in, body.len() as u64);
     log_call("call", caller, stats, started);
     let pieces = (0..body.len())
         .step_by(PIECE)

@@ -19,7 +19,7 @@ use ksrpc_core::auth::User;
 use ksrpc_core::codec::{Codec, CodecError, Flow, WsEvent, WsFrame, EOF};
 use ksrpc_core::ChunkedZlib;
 use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError};
-use ksrpc_transport_http::cached::{self, CacheMark, Store};
+use ksrpc_transport_http::cached::{self, Store};
 use ksrpc_transport_http::{caller_of, log_call, CallStats, Caller, HttpState, TransportError};
 use std::sync::Arc;
 
@@ -172,14 +172,7 @@ async fn serve(
                         None => return,
                     }
                 }
-                let stats = CallStats {
-                    summary: &entry.summary,
-                    status: 200,
-                    outcome: &ksrpc_core::CallOutcome::Ok,
-                    cache: CacheMark::Hit,
-                    bytes_in,
-                    bytes_out: sent,
-                };
+                let stats = CallStats::hit(&entry.summary, bytes_in, sent);
                 log_call("call", &caller, stats, started);
                 bytes_in = 0;
                 continue;
@@ -223,14 +216,7 @@ async fn serve(
         let (mark, store) = cached::compat_after(&state, fill, &reply);
         match send_reply(&state, &mut session, &reply, store).await {
             Some(bytes_out) => {
-                let stats = CallStats {
-                    summary: &reply.summary,
-                    status: reply.status,
-                    outcome: &reply.outcome,
-                    cache: mark,
-                    bytes_in,
-                    bytes_out,
-                };
+                let stats = CallStats::of_reply(&reply, mark, bytes_in, bytes_out);
                 log_call("call", &caller, stats, started)
             }
             None => return,

@@ -370,14 +370,7 @@ async fn run_call(
                 Ok(bytes) => Bytes::from(bytes),
                 Err(e) => internal_error(id, e.to_string()),
             };
-            let stats = CallStats {
-                summary: &summary,
-                status: 200,
-                outcome: &ksrpc_core::CallOutcome::Ok,
-                cache: CacheMark::Hit,
-                bytes_in,
-                bytes_out: reply.len() as u64,
-            };
+            let stats = CallStats::hit(&summary, bytes_in, reply.len() as u64);
             log_call("native ws call", &caller, stats, started);
             let _ = done.send((id, Some(reply)));
             return;
