@@ -1,4 +1,5 @@
-//! Every way an HTTP request fails, mapped to a status in one place.
+//! Every way a request fails, mapped in one place to its HTTP status and to
+//! the close code a WebSocket ends with.
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
@@ -67,7 +68,36 @@ impl From<ExecError> for TransportError {
     }
 }
 
+/// WebSocket close codes (RFC 6455, section 7.4.1) a refusal ends a socket with.
+pub mod close {
+    /// 1007: the message is not valid (bad framing or request).
+    pub const INVALID: u16 = 1007;
+    /// 1008: the message breaks a rule of the server (auth, a silent client).
+    pub const POLICY: u16 = 1008;
+    /// 1009: the message is too big.
+    pub const SIZE: u16 = 1009;
+    /// 1011: the server failed.
+    pub const ERROR: u16 = 1011;
+    /// 1012: the server is restarting (shutting down).
+    pub const RESTART: u16 = 1012;
+    /// 1013: try again later (busy, over the memory budget).
+    pub const AGAIN: u16 = 1013;
+}
+
 impl TransportError {
+    /// The WebSocket close code for this refusal: the socket's counterpart
+    /// of [`ResponseError::status_code`].
+    pub fn close_code(&self) -> u16 {
+        match self {
+            TransportError::Forbidden(_) | TransportError::Unauthorized | TransportError::BodyIdle(_) => close::POLICY,
+            TransportError::BadRequest(_) => close::INVALID,
+            TransportError::TooLarge(_) => close::SIZE,
+            TransportError::Throttled | TransportError::Overloaded(_) | TransportError::OverBudget(_) => close::AGAIN,
+            TransportError::ShuttingDown => close::RESTART,
+            TransportError::Internal(_) => close::ERROR,
+        }
+    }
+
     /// Whether this refusal can come while the request body is still
     /// arriving, and the rest of it should be read (and dropped) before the
     /// answer: a framing error. Size limits, the memory budget and a silent
@@ -108,5 +138,37 @@ impl ResponseError for TransportError {
             res.insert_header((header::RETRY_AFTER, "1"));
         }
         res.body(self.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each refusal has one HTTP status and one close code, and the two say
+    /// the same thing.
+    #[test]
+    fn every_refusal_maps_to_a_status_and_a_close_code() {
+        let budget = ksrpc_core::MemoryBudget::new(1, 1);
+        let over = budget.reservation("u").resize(2).unwrap_err();
+        let cases: Vec<(TransportError, u16, u16)> = vec![
+            (TransportError::Unauthorized, 401, close::POLICY),
+            (TransportError::Throttled, 429, close::AGAIN),
+            (TransportError::BadRequest("x".into()), 400, close::INVALID),
+            (TransportError::TooLarge("x".into()), 413, close::SIZE),
+            (TransportError::BodyIdle(60.0), 408, close::POLICY),
+            (TransportError::OverBudget(over), 503, close::AGAIN),
+            (TransportError::Overloaded("x".into()), 503, close::AGAIN),
+            (TransportError::ShuttingDown, 503, close::RESTART),
+            (TransportError::Internal("x".into()), 500, close::ERROR),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!((e.status_code().as_u16(), e.close_code()), (status, code), "{e}");
+        }
+        // Codec errors: limits are 413 / 1009, bad framing 400 / 1007.
+        let too_big = TransportError::from(CodecError::EncodedTooLarge { limit: 1 });
+        assert_eq!((too_big.status_code().as_u16(), too_big.close_code()), (413, close::SIZE));
+        let bad = TransportError::from(CodecError::MissingBorder { limit: 1 });
+        assert_eq!((bad.status_code().as_u16(), bad.close_code()), (400, close::INVALID));
     }
 }

@@ -300,9 +300,10 @@ const DECODE_BATCH: usize = 64 * 1024;
 /// 1032): a batch is charged this much before it is decoded, and the
 /// difference given back after.
 const MAX_INFLATE_RATIO: u64 = 1032;
-/// Batches up to this size are decoded inline (at most a few milliseconds
-/// of inflating, bounded by `MAX_DECODED_SLICE` per slice).
-const INLINE_DECODE: usize = 4 * 1024;
+/// Compressed bytes up to this many are inflated on the async worker (at
+/// most a few milliseconds, bounded by `MAX_DECODED_SLICE` per slice); more
+/// on the blocking pool. For HTTP bodies (a batch) and compat WS slices.
+pub const INLINE_DECODE: usize = 4 * 1024;
 
 /// The next piece of a request body, or 408 when none comes for `idle`
 /// (a client that stops half-way does not pin its buffers).

@@ -16,20 +16,16 @@ use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReaso
 use bytes::Bytes;
 use futures_util::StreamExt;
 use ksrpc_core::auth::User;
-use ksrpc_core::codec::{Codec, CodecError, Flow, WsEvent, WsFrame, EOF};
+use ksrpc_core::codec::{Codec, Flow, WsEvent, WsFrame, EOF};
 use ksrpc_core::ChunkedZlib;
 use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError};
 use ksrpc_transport_http::cached::{self, Store};
-use ksrpc_transport_http::{caller_of, log_call, CallStats, Caller, HttpState, TransportError};
+use ksrpc_transport_http::{caller_of, log_call, CallStats, Caller, HttpState, TransportError, INLINE_DECODE};
 use std::sync::Arc;
 
 /// A request (or, on `/v2/ws`, a message) that stops half-way is dropped
 /// after this long without a message.
 pub(crate) const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
-
-/// A slice up to this many encoded bytes is inflated on the async worker;
-/// a bigger one on the blocking pool.
-const INLINE_DECODE: usize = 4 * 1024;
 
 pub mod v2;
 
@@ -141,23 +137,18 @@ async fn serve(
             Err(_) => None,
         };
         if let Some(Err(e)) = charged.map(|bytes| held.resize(bytes)) {
-            tracing::warn!(user = %user.name, bytes_in, "websocket request refused: {e}");
-            let _ = session.close(close_reason(CloseCode::Again, e.to_string())).await;
+            let e = TransportError::from(e);
+            tracing::warn!(user = %user.name, peer = %caller.peer, bytes_in, "websocket request refused: {e}");
+            let _ = session.close(close_reason(CloseCode::from(e.close_code()), e.to_string())).await;
             return;
         }
         let payload = match event {
             Ok(WsEvent::More) => continue,
             Ok(WsEvent::Done(p)) => p,
             Err(e) => {
-                let code = match e {
-                    CodecError::EncodedTooLarge { .. }
-                    | CodecError::DecodedTooLarge { .. }
-                    | CodecError::SliceTooLarge { .. }
-                    | CodecError::SliceInflatesTooMuch { .. } => CloseCode::Size,
-                    _ => CloseCode::Invalid,
-                };
-                tracing::warn!(user = %user.name, bytes_in, "websocket request refused: {e}");
-                let _ = session.close(close_reason(code, e.to_string())).await;
+                let e = TransportError::from(e);
+                tracing::warn!(user = %user.name, peer = %caller.peer, bytes_in, "websocket request refused: {e}");
+                let _ = session.close(close_reason(CloseCode::from(e.close_code()), e.to_string())).await;
                 return;
             }
         };

@@ -23,7 +23,7 @@ use ksrpc_core::native::{self, ClientMessage, NativeError, Outcome, RemoteError,
 use ksrpc_core::Reservation;
 use ksrpc_core::{ExecError, NativeRequest};
 use ksrpc_transport_http::cached::{self, CacheMark};
-use ksrpc_transport_http::{caller_of, log_call, outcome_of, CallStats, Caller, HttpState};
+use ksrpc_transport_http::{caller_of, log_call, outcome_of, CallStats, Caller, HttpState, TransportError};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::AbortHandle;
 
@@ -277,13 +277,14 @@ impl Socket {
         let waiting = Instant::now();
         while let Err(e) = decoding.resize(charge) {
             if waiting.elapsed() > HALF_SENT_IDLE {
-                return Err(Some((CloseCode::Again, e.to_string())));
+                let e = TransportError::from(e);
+                return Err(Some((CloseCode::from(e.close_code()), e.to_string())));
             }
             tokio::time::sleep(BUDGET_RETRY).await;
         }
         let decoded = match ksrpc_transport_http::decode_client_message(wire, limits, &mut decoding).await {
             Ok(decoded) => decoded,
-            Err(e) => return Err(Some((CloseCode::Again, e.to_string()))),
+            Err(e) => return Err(Some((CloseCode::from(e.close_code()), e.to_string()))),
         };
         drop(decoding);
         let message = match decoded {
