@@ -6,6 +6,7 @@
 //! `target/xtask/`), so a fresh clone needs no other setup step.
 
 mod bench;
+mod disk;
 mod floor;
 mod proxy;
 mod python;

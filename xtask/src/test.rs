@@ -19,6 +19,11 @@ struct Tally {
     broken_steps: Vec<String>,
 }
 
+/// Whether this is a CI run (`CI` set to anything but empty or `false`).
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
 }
@@ -51,6 +56,11 @@ impl Env {
             .env("KSRPC_TEST_VENV", &self.server_venv)
             .env("KSRPC_CLIENT_PYTHON_BIN", &self.client_python)
             .env_remove("VIRTUAL_ENV");
+        if ci() {
+            // A CI clone builds once: incremental state would only add
+            // gigabytes to a disk that is shared and sometimes short.
+            c.env("CARGO_INCREMENTAL", "0");
+        }
         c
     }
 
@@ -79,6 +89,7 @@ pub fn run(args: &[String]) -> Result<()> {
     record_step(&mut tally, "fmt", fmt);
 
     let env = Env::prepare()?;
+    crate::disk::report_before(&root().join("target"));
     let clippy = step("cargo clippy -D warnings", || {
         // The extension is linted on its own: built with the workspace, its
         // stable-ABI pyo3 features would apply to the binary's crates too.
@@ -127,6 +138,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 
     eprintln!("\nxtask test took {:.0}s", started.elapsed().as_secs_f64());
+    crate::disk::report_after(&root().join("target"));
     for s in &tally.broken_steps {
         eprintln!("step failed: {s}");
     }
