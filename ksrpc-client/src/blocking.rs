@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "arrow")]
 use arrow_array::RecordBatch;
 use serde::de::DeserializeOwned;
 
@@ -96,6 +97,7 @@ impl Chain {
     }
 
     /// Runs the chain; a table result as Arrow record batches.
+    #[cfg(feature = "arrow")]
     pub fn record_batches(self) -> Result<Vec<RecordBatch>, Error> {
         self.runtime.block_on(self.chain.record_batches())
     }

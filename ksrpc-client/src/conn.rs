@@ -164,6 +164,14 @@ impl Conn {
                 let endpoint = Url::parse(&format!("{}/v2/call", base.as_str().trim_end_matches('/')))
                     .map_err(|e| Error::Url(e.to_string()))?;
                 let mut http = reqwest::Client::builder().connect_timeout(b.connect_timeout);
+                if let Some(proxy) = &b.proxy {
+                    let mut p = reqwest::Proxy::all(proxy.url.as_str())
+                        .map_err(|e| Error::Url(format!("proxy {}: {e}", proxy.url)))?;
+                    if let Some((user, password)) = &proxy.credentials {
+                        p = p.basic_auth(user, password);
+                    }
+                    http = http.proxy(p);
+                }
                 if !b.tls_roots.is_empty() {
                     http = http.tls_backend_preconfigured(rustls_config(&b.tls_roots, &[b"http/1.1"])?);
                 }
@@ -172,6 +180,13 @@ impl Conn {
                 Ok(Conn::Http(HttpConn { http, endpoint, auth, limits: b.limits, next_id }))
             }
             Transport::WebSocket => {
+                if let Some(proxy) = &b.proxy {
+                    return Err(Error::Url(format!(
+                        "the WebSocket transport does not go through a proxy ({}); use an http(s):// URL for \
+                         calls through it",
+                        proxy.url
+                    )));
+                }
                 let endpoint = format!("{}/v2/ws", base.as_str().trim_end_matches('/'));
                 let tls = if b.tls_roots.is_empty() {
                     None

@@ -30,6 +30,7 @@
 mod conn;
 mod de;
 mod error;
+#[cfg(feature = "arrow")]
 mod table;
 
 pub mod blocking;
@@ -41,6 +42,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "arrow")]
 pub use arrow_array::RecordBatch;
 use futures_util::Stream;
 pub use ksrpc_core::chain::{Args, Call, CallChain};
@@ -50,6 +52,7 @@ use serde::de::DeserializeOwned;
 
 pub use de::{from_value, DeError};
 pub use error::Error;
+#[cfg(feature = "arrow")]
 pub use table::{batches_to_value, value_to_batches};
 
 use conn::Conn;
@@ -81,9 +84,27 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     limits: Limits,
     tls_roots: Vec<Vec<u8>>,
+    proxy: Option<Proxy>,
+}
+
+/// An HTTP(S) proxy for the HTTP transport (see [`ClientBuilder::proxy`]).
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    /// `http://host:port` (or `https://`, `socks5://` where reqwest has it).
+    pub url: String,
+    /// Basic credentials for the proxy.
+    pub credentials: Option<(String, String)>,
 }
 
 impl ClientBuilder {
+    /// Sends HTTP calls through a proxy. The WebSocket transport does not go
+    /// through proxies: connecting fails with [`Error::Url`] rather than
+    /// silently going around one.
+    pub fn proxy(mut self, proxy: Proxy) -> Self {
+        self.proxy = Some(proxy);
+        self
+    }
+
     /// Trusts the CA (or self-signed) certificates in `pem` for `https` and
     /// `wss`, in addition to the public web roots (Mozilla's list, through
     /// `webpki-roots`). Without any, the platform's verifier is used for
@@ -162,6 +183,7 @@ impl Client {
             connect_timeout: Duration::from_secs(30),
             limits: Limits { max_encoded: 4 << 30, max_decoded: 4 << 30 },
             tls_roots: Vec::new(),
+            proxy: None,
         }
     }
 
@@ -315,8 +337,21 @@ impl Chain {
 
     /// Runs the chain; a table result (a pandas DataFrame, a pyarrow table)
     /// as Arrow record batches.
+    #[cfg(feature = "arrow")]
     pub async fn record_batches(self) -> Result<Vec<RecordBatch>, Error> {
         value_to_batches(&self.value().await?)
+    }
+
+    /// Runs the chain; its value, or the generator it returned (for a caller
+    /// that does not know in advance, such as a dynamic-language binding).
+    pub async fn returned(self) -> Result<Returned, Error> {
+        let timeout = self.timeout_or_default();
+        let client = self.client.clone();
+        Ok(match self.client.inner.conn.run(self.chain, self.progress, timeout).await? {
+            conn::Reply::Value(v) => Returned::Value(v),
+            conn::Reply::Exhausted => Returned::Generator(ValueStream::empty()),
+            conn::Reply::Handle(h) => Returned::Generator(ValueStream::generator(client, h, timeout)),
+        })
     }
 
     /// Runs a chain whose result is a generator and yields its items; a
@@ -331,6 +366,15 @@ impl Chain {
             conn::Reply::Handle(h) => Ok(ValueStream::generator(conn, h, timeout)),
         }
     }
+}
+
+/// What a chain returned: see [`Chain::returned`].
+#[derive(Debug)]
+pub enum Returned {
+    /// A value.
+    Value(Value),
+    /// A generator on the server, read item by item.
+    Generator(ValueStream),
 }
 
 impl From<Chain> for Value {

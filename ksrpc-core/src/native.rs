@@ -257,7 +257,9 @@ impl<'de> Deserialize<'de> for Value {
 /// A failure raised by the call on the server.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RemoteError {
-    /// The exception's class (`ZeroDivisionError`, `module.Class`).
+    /// The exception's class, a builtin (`ZeroDivisionError`): the server
+    /// sends an exception of another module as its nearest builtin base, its
+    /// message starting with `module.Class: ` (as for the 0.8.1 client).
     pub kind: String,
     /// `str()` of the exception.
     pub message: String,

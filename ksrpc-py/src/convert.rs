@@ -1,4 +1,6 @@
-//! Conversions between native [`Value`]s and Python objects, in one place.
+//! Conversions between native [`Value`]s and Python objects, in one place:
+//! the server's (arguments in, results out) and, through [`from_py_with`]
+//! and [`table_to_python`], the Python client's in the wheel.
 //!
 //! Tables cross as Arrow IPC streams through pyarrow (pandas DataFrames and
 //! numpy arrays). Without pyarrow on the server a table *result* goes back as
@@ -28,6 +30,37 @@ fn pyarrow<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
              table results come as records without it",
         )
     })
+}
+
+/// The schema metadata key that says what Python object a table was made
+/// from, so the other side gives back the same kind: `ndarray1`,
+/// `ndarray2`, `series` (a DataFrame has none).
+pub const KIND_KEY: &str = "ksrpc.kind";
+
+/// A `pyarrow.Table` as the Python object it was made from: a pandas
+/// DataFrame (index, dtypes and time zones from pandas' own metadata), a
+/// Series or a numpy array when [`KIND_KEY`] says so.
+pub fn table_to_python<'py>(table: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let kind = table
+        .getattr("schema")?
+        .getattr("metadata")?
+        .call_method1("get", (KIND_KEY.as_bytes(),))
+        .ok()
+        .filter(|k| !k.is_none())
+        .and_then(|k| k.extract::<Vec<u8>>().ok());
+    let frame = table.call_method0("to_pandas")?;
+    match kind.as_deref() {
+        Some(b"ndarray1") => {
+            frame.getattr("iloc")?.get_item((pyo3::types::PySlice::full(table.py()), 0))?.call_method0("to_numpy")
+        }
+        Some(b"ndarray2") => frame.call_method0("to_numpy"),
+        Some(b"series") => frame.getattr("iloc")?.get_item((pyo3::types::PySlice::full(table.py()), 0)),
+        Some(b"series_unnamed") => frame
+            .getattr("iloc")?
+            .get_item((pyo3::types::PySlice::full(table.py()), 0))?
+            .call_method1("rename", (table.py().None(),)),
+        _ => Ok(frame),
+    }
 }
 
 /// A value as a Python object.
@@ -66,7 +99,7 @@ pub(crate) fn to_py<'py>(py: Python<'py>, v: &Value, cx: &ToPy<'_, 'py>) -> PyRe
         Value::Table(bytes) => {
             let pa = pyarrow(py)?;
             let reader = pa.getattr("ipc")?.call_method1("open_stream", (PyBytes::new(py, bytes),))?;
-            reader.call_method0("read_pandas")?
+            table_to_python(&reader.call_method0("read_all")?)?
         }
         Value::Pickle(bytes) => (cx.load_pickle)(bytes)?,
     })
@@ -98,11 +131,22 @@ pub(crate) fn calls_to_py<'py>(
     PyList::new(py, out)
 }
 
-/// A Python object as a value. Tables (DataFrame, ndarray) are Arrow with
-/// pyarrow, records without; anything else without a native form is pickled.
+/// Objects a caller converts itself, asked before the table and pickle
+/// fallbacks (the Python client's chains and `Self` marker): `Some` is the
+/// object's value, `None` leaves it to the defaults.
+pub type Extra<'a> = &'a dyn Fn(&Bound<'_, PyAny>) -> PyResult<Option<Value>>;
+
+/// A Python object as a value (the server's results).
 pub(crate) fn from_py(py: Python<'_>, obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
+    from_py_with(py, obj, depth, None)
+}
+
+/// A Python object as a value. Tables (DataFrame, Series, ndarray) are
+/// Arrow with pyarrow, records without; `extra` is asked next; anything
+/// else without a native form is pickled.
+pub fn from_py_with(py: Python<'_>, obj: &Bound<'_, PyAny>, depth: usize, extra: Option<Extra<'_>>) -> PyResult<Value> {
     if depth > ksrpc_core::native::MAX_DEPTH {
-        return Err(PyTypeError::new_err("the result nests deeper than the native protocol allows"));
+        return Err(PyTypeError::new_err("the value nests deeper than the native protocol allows"));
     }
     if obj.is_none() {
         return Ok(Value::None);
@@ -129,15 +173,15 @@ pub(crate) fn from_py(py: Python<'_>, obj: &Bound<'_, PyAny>, depth: usize) -> P
         return Ok(Value::Bytes(ByteBuf::from(b.to_vec())));
     }
     if let Ok(l) = obj.cast_exact::<PyList>() {
-        return Ok(Value::List(l.iter().map(|i| from_py(py, &i, depth + 1)).collect::<PyResult<_>>()?));
+        return Ok(Value::List(l.iter().map(|i| from_py_with(py, &i, depth + 1, extra)).collect::<PyResult<_>>()?));
     }
     if let Ok(t) = obj.cast_exact::<PyTuple>() {
-        return Ok(Value::Tuple(t.iter().map(|i| from_py(py, &i, depth + 1)).collect::<PyResult<_>>()?));
+        return Ok(Value::Tuple(t.iter().map(|i| from_py_with(py, &i, depth + 1, extra)).collect::<PyResult<_>>()?));
     }
     if let Ok(d) = obj.cast_exact::<PyDict>() {
         let mut pairs = Vec::with_capacity(d.len());
         for (k, v) in d.iter() {
-            pairs.push((from_py(py, &k, depth + 1)?, from_py(py, &v, depth + 1)?));
+            pairs.push((from_py_with(py, &k, depth + 1, extra)?, from_py_with(py, &v, depth + 1, extra)?));
         }
         return Ok(Value::Dict(pairs));
     }
@@ -145,6 +189,11 @@ pub(crate) fn from_py(py: Python<'_>, obj: &Bound<'_, PyAny>, depth: usize) -> P
     if module.starts_with("pandas") || module.starts_with("numpy") {
         if let Some(table) = table_of(py, obj, &module)? {
             return Ok(table);
+        }
+    }
+    if let Some(extra) = extra {
+        if let Some(v) = extra(obj)? {
+            return Ok(v);
         }
     }
     let pickled = py.import("pickle")?.call_method1("dumps", (obj, 5))?;
@@ -175,24 +224,38 @@ fn records_of(py: Python<'_>, frame: &Bound<'_, PyAny>) -> PyResult<Value> {
 /// pyarrow).
 fn table_of(py: Python<'_>, obj: &Bound<'_, PyAny>, module: &str) -> PyResult<Option<Value>> {
     let name = obj.get_type().name()?.to_string();
-    let frame = match (module.starts_with("pandas"), name.as_str()) {
-        (true, "DataFrame") => obj.clone(),
-        (true, "Series") => obj.call_method0("to_frame")?,
+    let (frame, kind) = match (module.starts_with("pandas"), name.as_str()) {
+        (true, "DataFrame") => (obj.clone(), None),
+        (true, "Series") => {
+            let unnamed = obj.getattr("name")?.is_none();
+            (obj.call_method0("to_frame")?, Some(if unnamed { "series_unnamed" } else { "series" }))
+        }
         (false, "ndarray") => {
             let pd = py.import("pandas")?;
             let ndim: usize = obj.getattr("ndim")?.extract()?;
-            if ndim == 0 || ndim > 2 {
-                // a 0-d array is a scalar: pickled
+            if ndim == 0 || ndim > 2 || obj.getattr("dtype")?.getattr("names")?.is_truthy()? {
+                // a 0-d array is a scalar, a record array has fields: pickled
                 return Ok(None);
             }
-            pd.call_method1("DataFrame", (obj,))?
+            (pd.call_method1("DataFrame", (obj,))?, Some(if ndim == 1 { "ndarray1" } else { "ndarray2" }))
         }
         _ => return Ok(None),
     };
     let Ok(pa) = py.import("pyarrow") else {
         return records_of(py, &frame).map(Some);
     };
-    let table = pa.getattr("Table")?.call_method1("from_pandas", (frame,))?;
+    let mut table = pa.getattr("Table")?.call_method1("from_pandas", (frame,))?;
+    if let Some(kind) = kind {
+        let schema = table.getattr("schema")?;
+        let metadata = PyDict::new(py);
+        if let Ok(old) = schema.getattr("metadata") {
+            if !old.is_none() {
+                metadata.call_method1("update", (old,))?;
+            }
+        }
+        metadata.set_item(PyBytes::new(py, KIND_KEY.as_bytes()), PyBytes::new(py, kind.as_bytes()))?;
+        table = table.call_method1("replace_schema_metadata", (metadata,))?;
+    }
     let ipc = pa.getattr("ipc")?;
     let schema = table.getattr("schema")?;
     let write = |sink: &Bound<'_, PyAny>| -> PyResult<()> {

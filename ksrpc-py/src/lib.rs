@@ -12,13 +12,14 @@
 //!   restricted unpickler, resolves chains under the user's rules and
 //!   pickles replies.
 //!
-//! `PyErr` never leaves this crate: failures become [`ExecError`] or a
-//! pickled 500 reply.
+//! `PyErr` leaves this crate only from [`convert`], whose callers are
+//! Python-facing (the wheel's client); the executor's failures become
+//! [`ExecError`] or a pickled 500 reply.
 //!
 //! [`ExecError`]: ksrpc_core::ExecError
 
 pub mod config;
-mod convert;
+pub mod convert;
 mod fair;
 mod gate;
 pub mod interp;

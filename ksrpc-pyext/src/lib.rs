@@ -1,5 +1,6 @@
 //! `ksrpc_rs._native`: the ksrpc server inside the interpreter that imports
-//! it (a notebook kernel, a script, `python -m ksrpc_rs`).
+//! it (a notebook kernel, a script, `python -m ksrpc_rs`), and the native
+//! protocol's client for Python ([`client`]).
 //!
 //! The wiring is `ksrpc-server`'s (config layers, users, the generated
 //! admin, limits, the HTTP/WS server); what differs from the binary is only
@@ -11,6 +12,8 @@
 //! GIL discipline: the host's thread holds the GIL while it calls us, and
 //! the pool threads need it to run calls, so everything that waits (binding,
 //! stopping, joining) waits detached.
+
+mod client;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -250,6 +253,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hash_password, m)?)?;
     m.add_function(wrap_pyfunction!(stop_at_exit, m)?)?;
     m.add_class::<NativeServer>()?;
+    client::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

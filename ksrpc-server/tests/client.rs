@@ -171,6 +171,20 @@ async fn calls_values_errors_and_rules_over_both_transports() {
         let items: Vec<Value> =
             demo.clone().call("async_counter", ()).stream().await.unwrap().try_collect().await.unwrap();
         assert!(!items.is_empty());
+        // returned(): a value or a generator, for callers that cannot know which.
+        match demo.clone().call("add", (1, 1)).returned().await.unwrap() {
+            ksrpc_client::Returned::Value(v) => assert_eq!(v, Value::Int(2)),
+            other => panic!("add returned {other:?}"),
+        }
+        match demo.clone().call("sync_counter", ()).returned().await.unwrap() {
+            ksrpc_client::Returned::Generator(g) => {
+                assert_eq!(
+                    g.try_collect::<Vec<Value>>().await.unwrap(),
+                    vec![Value::Int(1), Value::Int(2), Value::Int(3)]
+                )
+            }
+            other => panic!("sync_counter returned {other:?}"),
+        }
         // Dropping a stream early closes the generator; the connection goes on.
         let mut stream = client.module("bench_mod").call("countdown", (1000,)).stream().await.unwrap();
         assert_eq!(stream.next().await.unwrap().unwrap(), Value::Int(1000));

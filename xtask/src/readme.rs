@@ -11,6 +11,9 @@
 //!   users: a generated admin, the demo only); `http://127.0.0.1:8080` and
 //!   `<printed at start-up>` are replaced by its address and the password it
 //!   printed.
+//! - `native-client`: the Python client of the native protocol, run in the
+//!   3.12 venv the wheel step installed the wheel in, against the same
+//!   server and with the same replacements (`ws://127.0.0.1:8080` too).
 //! - `notebook-cell`: run in the 3.12 venv the wheel step installed the wheel
 //!   in, in a directory with a `ksrpc.toml` (port 0) and a stand-in
 //!   `jqdatasdk` module; the harness then prints `srv.url` and stops it.
@@ -193,6 +196,15 @@ fn run_block(env: &Env, fixture: &Fixture, block: &Block, work: &Path, wheel: Op
             std::fs::write(&script, fixture.localize(&block.body))?;
             let out = Command::new(&env.client_python).arg(&script).current_dir(work).output()?;
             expect_success("the quick start", &out)?;
+            expect_prints(&block.body, &out.stdout)?;
+            Ok(true)
+        }
+        ("native-client", "python") => {
+            let python = wheel.context("the wheel step did not leave a 3.12 venv with the wheel")?;
+            let script = work.join("native_client.py");
+            std::fs::write(&script, fixture.localize(&block.body))?;
+            let out = Command::new(python).arg(&script).current_dir(work).output()?;
+            expect_success("the native client example", &out)?;
             expect_prints(&block.body, &out.stdout)?;
             Ok(true)
         }

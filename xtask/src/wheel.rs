@@ -68,6 +68,44 @@ pub fn build(env: &Env) -> Result<PathBuf> {
     Ok(wheel)
 }
 
+/// The Python client on every minor (the full client suite runs on 3.12):
+/// a server and a client in one interpreter, both transports, sync and
+/// async, a generator and an error.
+const CLIENT_SMOKE: &str = r#"
+import asyncio, ksrpc_rs
+from ksrpc_rs.client import RpcClient, rpc_iterator
+from ksrpc_rs.connections import SmartConnection
+srv = ksrpc_rs.serve({"server": {"port": 0}, "users": {"u": {"password": "pw", "rules": ["allow ksrpc.server.demo"]}}})
+try:
+    for url in (srv.url, "ws" + srv.url[4:]):
+        conn = SmartConnection(url, username="u", password="pw")
+        assert RpcClient("ksrpc.server.demo", conn, to_sync=True).add(1, 2) == 3
+        async def main():
+            demo = RpcClient("ksrpc.server.demo", conn)
+            assert await asyncio.gather(demo.add(1, 2), demo.add(3, 4)) == [3, 7]
+            assert [i async for i in rpc_iterator(demo.sync_counter())] == [1, 2, 3]
+            try:
+                await demo.div(1, 0)
+            except ZeroDivisionError as e:
+                assert "div" in e.server_traceback
+            else:
+                raise AssertionError("no ZeroDivisionError")
+        asyncio.run(main())
+finally:
+    srv.stop()
+print("client smoke ok")
+"#;
+
+fn client_smoke(python: &Path, minor: u32) -> Result<(u64, u64, u64)> {
+    eprintln!("    native client smoke on python 3.{minor}");
+    let out = Command::new(python).args(["-c", CLIENT_SMOKE]).env("PATH", "/usr/bin:/bin").output()?;
+    if out.status.success() {
+        return Ok((1, 0, 0));
+    }
+    eprintln!("    FAILED: {}", String::from_utf8_lossy(&out.stderr));
+    Ok((0, 1, 0))
+}
+
 /// CPython 3.9 and later from pyenv that really run, as (minor, python).
 fn pythons() -> Vec<(u32, PathBuf)> {
     let root = std::env::var("PYENV_ROOT")
@@ -153,7 +191,8 @@ pub fn test(env: &Env) -> Result<(u64, u64, u64)> {
         }
         let bin = venv_with_wheel(python, *minor, &["numpy", "pandas<3"], &wheel)?;
         eprintln!("    smoke suite against python 3.{minor} -m ksrpc_rs");
-        add(suite::run_against(env, &Kind::Wheel(bin), &format!("wheel-3.{minor}"), SMOKE)?);
+        add(suite::run_against(env, &Kind::Wheel(bin.clone()), &format!("wheel-3.{minor}"), SMOKE)?);
+        add(client_smoke(&bin, *minor)?);
     }
     let py312 = full_python.context("no CPython 3.12 for the full wheel suite")?;
     eprintln!("    full real-client suite against python 3.12 -m ksrpc_rs");

@@ -32,6 +32,8 @@ hash_password = _native.hash_password
 # A server still running when the interpreter exits is stopped first, its calls cut: a pool
 # thread must not wake up into the interpreter's finalization (see `stop_at_exit`).
 atexit.register(_native.stop_at_exit)
+# Likewise the client's threads stop delivering replies before the interpreter finalizes.
+atexit.register(_native.client_atexit)
 
 
 class Server:
