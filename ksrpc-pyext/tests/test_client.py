@@ -136,6 +136,30 @@ def test_a_dataframe_argument_goes_up_as_arrow_and_comes_back_whole(connect):
     pd.testing.assert_frame_equal(back, df)
 
 
+def test_multiindex_columns_and_rows_round_trip(connect):
+    df = pyclient_mod.multi()
+
+    async def main():
+        async with connect() as conn:
+            return await mod(conn).multi(), await mod(conn).echo(df)
+    got, echoed = run(main())
+    pd.testing.assert_frame_equal(got, df)
+    pd.testing.assert_frame_equal(echoed, df)
+
+
+def test_a_big_reply_shows_a_tqdm_bar_by_default(connect, capfd):
+    def bars():
+        return [line for line in capfd.readouterr().err.replace("\r", "\n").splitlines() if "pyclient_mod" in line]
+    with connect() as conn:
+        assert len(mod(conn, to_sync=True).big_bytes(16)) == 16 << 20
+        shown = bars()
+        assert len(mod(conn, to_sync=True, progress=False).big_bytes(16)) == 16 << 20
+        assert len(mod(conn, to_sync=True).echo(b"small")) == 5
+        hidden = bars()
+    assert shown and all("16.8M" in line for line in shown), shown  # the reply's size, from tqdm
+    assert hidden == []  # progress=False, and a small reply
+
+
 def test_arrays_and_series_keep_their_kind(connect):
     async def main():
         async with connect() as conn:

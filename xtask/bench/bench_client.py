@@ -1,4 +1,5 @@
-"""Workloads of `cargo xtask bench`, driven by the unmodified ksrpc 0.8.1 client.
+"""Workloads of `cargo xtask bench`, driven by the unmodified ksrpc 0.8.1 client (or, with
+KSRPC_BENCH_CLIENT=ksrpc_rs, by our Python client of the native protocol).
 
 Usage: python bench_client.py WORKLOAD URL USER PASSWORD [OPTIONS-JSON]
 Prints one JSON object on the last line of stdout. Runs against whichever
@@ -13,9 +14,16 @@ import statistics
 import sys
 import time
 
-from ksrpc.client import RpcClient
-from ksrpc.connections.http import HttpConnection
-from ksrpc.connections.websocket import WebSocketConnection
+if os.environ.get("KSRPC_BENCH_CLIENT") == "ksrpc_rs":
+    # The same workloads through our Python client of the native protocol: the 0.8.1 API,
+    # so the imports are the only difference.
+    from ksrpc_rs.client import RpcClient
+    from ksrpc_rs.connections.http import HttpConnection
+    from ksrpc_rs.connections.websocket import WebSocketConnection
+else:
+    from ksrpc.client import RpcClient
+    from ksrpc.connections.http import HttpConnection
+    from ksrpc.connections.websocket import WebSocketConnection
 
 TRANSPORTS = {"http": HttpConnection, "ws": WebSocketConnection}
 

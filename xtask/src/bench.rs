@@ -131,8 +131,18 @@ fn our_config(env: &Env, dir: &Path, embedded: bool) -> Result<PathBuf> {
 
 /// Runs one workload of `bench_client.py` and returns its JSON result.
 fn client(env: &Env, workload: &str, url: &str, opts: &Value) -> Result<Value> {
+    client_with(&env.client_python, false, workload, url, opts)
+}
+
+/// A workload of `bench_client.py` run by `python`; `native`: through our
+/// Python client (`ksrpc_rs`, which that python must have) instead of 0.8.1's.
+fn client_with(python: &Path, native: bool, workload: &str, url: &str, opts: &Value) -> Result<Value> {
     let script = root().join("xtask/bench/bench_client.py");
-    let out = Command::new(&env.client_python)
+    let mut command = Command::new(python);
+    if native {
+        command.env("KSRPC_BENCH_CLIENT", "ksrpc_rs");
+    }
+    let out = command
         .arg(&script)
         .args([workload, url, USER, PASSWORD, &opts.to_string()])
         .env("PYTHONDONTWRITEBYTECODE", "1")
@@ -431,6 +441,11 @@ fn load(url: &str, body: &[u8], conns: usize, seconds: u64) -> Result<Value> {
 }
 
 /// A row of the table: name, unit, original, ours, and whether higher is better.
+/// The original's figure in the first row whose name starts with `prefix`.
+fn original_in(rows: &[Row], prefix: &str) -> f64 {
+    rows.iter().find(|r| r.name.starts_with(prefix)).map_or(f64::NAN, |r| r.original)
+}
+
 struct Row {
     name: String,
     unit: &'static str,
@@ -689,7 +704,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
     // The Rust client on the native protocol, against the original server
     // with its own Python client (the rows above, same run).
-    let original_of = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix)).map_or(f64::NAN, |r| r.original);
+    let original_of = |prefix: &str| original_in(&rows, prefix);
     let creds = (USER, PASSWORD);
     let mut rust_rows = Vec::new();
     for (transport, name) in [(Transport::Http, "http"), (Transport::WebSocket, "ws")] {
@@ -790,6 +805,49 @@ pub fn run(args: &[String]) -> Result<()> {
         );
     }
     drop(wheel_server);
+    // Our Python client (the wheel's ksrpc_rs.client, native protocol)
+    // against the binary, with the 0.8.1 client's workloads: the same
+    // script, other imports.
+    let mut py_rows = Vec::new();
+    for transport in ["http", "ws"] {
+        eprintln!("==> (i) ksrpc_rs Python client, {transport}");
+        let python = crate::wheel::full_venv_python();
+        let opts = json!({"transport": transport, "mb": mb, "repeat": plan.repeat});
+        let a = client_with(&python, true, "download_array", &ours_server.url, &opts)?;
+        let opts = json!({"transport": transport, "rows": rows_n, "repeat": 1});
+        let b = client_with(&python, true, "download_frame", &ours_server.url, &opts)?;
+        let opts = json!({"transport": transport, "concurrency": 16, "seconds": plan.seconds});
+        let d = client_with(&python, true, "small_calls", &ours_server.url, &opts)?;
+        raw.insert(format!("(i) ksrpc_rs Python client {transport}"), json!({"array": a, "frame": b, "small": d}));
+        let secs = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        py_rows.push(Row {
+            name: format!("(i) ksrpc_rs Python client, v2 {transport}: download {mb} MB array (vs (a) original)"),
+            unit: "s",
+            original: original_in(&rows, &format!("(a) download {mb} MB float64 array, {transport}")),
+            ours: secs(&a, "seconds"),
+            higher_better: false,
+        });
+        py_rows.push(Row {
+            name: format!(
+                "(i) ksrpc_rs Python client, v2 {transport}: {rows_n}-row DataFrame as Arrow (vs (b) original)"
+            ),
+            unit: "s",
+            original: original_in(&rows, &format!("(b) download {rows_n}-row market DataFrame, {transport}")),
+            ours: secs(&b, "seconds"),
+            higher_better: false,
+        });
+        py_rows.push(Row {
+            name: format!(
+                "(i) ksrpc_rs Python client, v2 {transport}: add(1, 2) at 16 tasks on one connection (vs (d) original, \
+                 0.8.1 client)"
+            ),
+            unit: "req/s",
+            original: original_in(&rows, "(d) add(1, 2) at 16 tasks (0.8.1 Python client)"),
+            ours: secs(&d, "rps"),
+            higher_better: true,
+        });
+    }
+    rows.extend(py_rows);
     let mut wheel_table = String::from(
         "| workload | binary | wheel (python -m ksrpc_rs) | wheel vs binary |\n| --- | ---: | ---: | ---: |\n",
     );

@@ -163,7 +163,8 @@ pub fn bench_python(env: &Env) -> Result<PathBuf> {
 /// ksrpc package beside ours (never shadowed).
 fn full_packages() -> Vec<&'static str> {
     let mut packages: Vec<&str> = python::SERVER_PACKAGES.to_vec();
-    packages.extend(["ksrpc==0.8.1", "nest_asyncio"]);
+    // tqdm: the Python client's default progress bar
+    packages.extend(["ksrpc==0.8.1", "nest_asyncio", "tqdm"]);
     packages
 }
 

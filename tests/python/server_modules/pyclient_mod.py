@@ -55,6 +55,15 @@ def frame():
     }, index=idx)
 
 
+def multi():
+    """MultiIndex columns and a MultiIndex row index (pandas' metadata in Arrow keeps both)."""
+    import pandas as pd
+
+    columns = pd.MultiIndex.from_tuples([("px", "open"), ("px", "close"), ("vol", "")], names=["field", "kind"])
+    index = pd.MultiIndex.from_tuples([("000001", 1), ("000001", 2), ("600000", 1)], names=["code", "day"])
+    return pd.DataFrame([[1.0, 2.0, 3], [4.0, 5.0, 6], [7.0, 8.0, 9]], index=index, columns=columns)
+
+
 def array(ndim=2):
     import numpy as np
     return np.arange(12, dtype="float64").reshape(3, 4) if ndim == 2 else np.arange(5, dtype="int32")
