@@ -177,7 +177,8 @@ impl Conn {
                 }
                 let http = http.build().map_err(|e| Error::Connection(e.to_string()))?;
                 let next_id = Arc::new(AtomicU64::new(random_id_base()));
-                Ok(Conn::Http(HttpConn { http, endpoint, auth, limits: b.limits, next_id }))
+                let turns = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_IN_FLIGHT));
+                Ok(Conn::Http(HttpConn { http, endpoint, auth, limits: b.limits, next_id, turns }))
             }
             Transport::WebSocket => {
                 if let Some(proxy) = &b.proxy {
@@ -277,7 +278,13 @@ pub(crate) struct HttpConn {
     auth: Option<String>,
     limits: Limits,
     next_id: Arc<AtomicU64>,
+    /// Calls this client has on the wire at once (see [`MAX_HTTP_IN_FLIGHT`]).
+    turns: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most HTTP calls one client sends at once; the rest queue in the client.
+/// Half the server's default per-user bound, so two clients of one user fit.
+pub(crate) const MAX_HTTP_IN_FLIGHT: usize = 32;
 
 /// An HTTP call in flight; dropped before its reply, it posts a `Cancel`
 /// (the server cannot tell that an HTTP client left).
@@ -314,6 +321,9 @@ fn random_id_base() -> u64 {
 
 impl HttpConn {
     async fn exchange(&self, id: u64, message: ClientMessage, progress: Option<Progress>) -> Result<Reply, Error> {
+        // A request per call: the server answers 503 past its per-user bound
+        // of calls in flight (64 by default), so more wait their turn here.
+        let _turn = self.turns.acquire().await.map_err(|_| Error::Connection("the client is closed".into()))?;
         let mut call = HttpCall { conn: self, id, done: false };
         let reply = self.post(message, progress).await;
         call.done = true;

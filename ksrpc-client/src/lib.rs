@@ -13,7 +13,7 @@
 //! ```
 //!
 //! - [`Client`]: one connection: HTTP (`POST {url}/v2/call`, a request per
-//!   call) or one multiplexed WebSocket (`{url}/v2/ws`, any number of calls
+//!   call, at most 32 on the wire at once, the rest waiting in the client) or one multiplexed WebSocket (`{url}/v2/ws`, any number of calls
 //!   in flight, replies in completion order). TLS through rustls.
 //! - [`Chain`]: a lazy call chain that reads like the Python client's;
 //!   nothing is sent until it is awaited, [`Chain::collect`]ed into any

@@ -343,6 +343,15 @@ def test_small_calls_finish_while_a_100mb_reply_is_in_flight(url):
     assert seen[-1][0] >= 0.9 * size and all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
 
 
+def test_200_calls_gathered_over_http_wait_their_turn_in_the_client(url):
+    """A request per call: past the server's per-user bound (64 in flight) it would answer 503,
+    so the client keeps at most 32 on the wire and queues the rest."""
+    async def main():
+        async with HttpConnection(url, username="u", password="pw") as conn:
+            return await asyncio.gather(*(mod(conn).echo(i) for i in range(200)))
+    assert run(main()) == list(range(200))
+
+
 def wait_for_state(conn, tag, want, seconds=30.0):
     """Polls the server for how call `tag` ended (bounded)."""
     deadline = time.monotonic() + seconds
