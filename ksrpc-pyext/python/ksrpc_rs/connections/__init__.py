@@ -53,7 +53,6 @@ def _start(operation: Callable[[Callable[[bool, Any], None]], Any]) -> cf.Future
     future: cf.Future = cf.Future()
     pending = operation(lambda ok, value: _settle(future, ok, value))
     future.add_done_callback(lambda f: f.cancelled() and pending.cancel())
-    future._ksrpc_pending = pending  # type: ignore[attr-defined]
     return future
 
 
