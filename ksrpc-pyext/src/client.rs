@@ -256,8 +256,9 @@ impl Pending {
 }
 
 /// Runs `fut` on the client runtime; its outcome becomes a Python object
-/// and `done(ok, value)` is called with it on a blocking thread.
-fn spawn<F>(fut: F, done: Py<PyAny>) -> PyResult<Pending>
+/// and `done(ok, value)` is called with it on a blocking thread, after the
+/// last of the call's `progress` reports.
+fn spawn<F>(fut: F, done: Py<PyAny>, progress: Option<Arc<Progress>>) -> PyResult<Pending>
 where
     F: std::future::Future<Output = Result<Outcome, Error>> + Send + 'static,
 {
@@ -266,6 +267,9 @@ where
         let outcome = fut.await;
         // Converting takes the GIL and may run pyarrow: not on a runtime worker.
         let settled = tokio::task::spawn_blocking(move || {
+            if let Some(p) = progress {
+                p.flush();
+            }
             with_python(|py| {
                 let (ok, value) = match outcome.map_err(|e| py_error(py, e)).and_then(|o| settle(py, o)) {
                     Ok(v) => (true, v),
@@ -348,7 +352,7 @@ pub fn connect(
     if let Some(pem) = ca_pem {
         builder = builder.add_root_certificate_pem(pem);
     }
-    spawn(async move { builder.connect().await.map(Outcome::Client) }, done)
+    spawn(async move { builder.connect().await.map(Outcome::Client) }, done, None)
 }
 
 /// A connection (one WebSocket, or HTTP's connection pool).
@@ -380,10 +384,11 @@ impl NativeClient {
         if let Some(t) = seconds("timeout", timeout)? {
             chain = chain.timeout(t);
         }
-        if let Some(progress) = progress {
-            chain = chain.on_progress(throttled(progress));
+        let progress = progress.map(Progress::new);
+        if let Some(p) = &progress {
+            chain = chain.on_progress(p.reporter());
         }
-        spawn(async move { chain.returned().await.map(|r| Outcome::Returned(r, tables)) }, done)
+        spawn(async move { chain.returned().await.map(|r| Outcome::Returned(r, tables)) }, done, progress)
     }
 
     /// `"http"` or `"websocket"`.
@@ -396,21 +401,101 @@ impl NativeClient {
     }
 }
 
-/// A progress callback called about every percent of the reply (at least
-/// 1 MiB apart) and at its end: each call takes the GIL on the thread
-/// reading the socket.
-fn throttled(progress: Py<PyAny>) -> impl Fn(u64, Option<u64>) + Send + Sync + 'static {
-    let last = std::sync::atomic::AtomicU64::new(0);
-    move |received, total| {
-        let before = last.load(Ordering::Relaxed);
+/// A call's progress callback, kept off the runtime: the thread reading the
+/// socket only queues a report (about every percent of the reply, at least
+/// 1 MiB apart, and at its end); one blocking task at a time takes the GIL
+/// and calls Python with the queued reports in order, so a callback that
+/// waits for the GIL never stalls the socket. [`Progress::flush`] delivers
+/// what is left before the call settles.
+#[derive(Debug)]
+struct Progress {
+    callback: Py<PyAny>,
+    queue: Mutex<Reports>,
+    /// Held while calling Python: reports are delivered one at a time.
+    delivering: Mutex<()>,
+    /// The last report queued (for the throttle).
+    last: std::sync::atomic::AtomicU64,
+}
+
+/// One progress report: bytes received, and the reply's size when known.
+type Report = (u64, Option<u64>);
+
+/// Reports not yet delivered, and whether a task is delivering them.
+#[derive(Debug, Default)]
+struct Reports(std::collections::VecDeque<Report>, bool);
+
+impl Progress {
+    fn new(callback: Py<PyAny>) -> Arc<Self> {
+        Arc::new(Self {
+            callback,
+            queue: Mutex::new(Reports::default()),
+            delivering: Mutex::new(()),
+            last: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// The callback for [`CallChain::on_progress`].
+    fn reporter(self: &Arc<Self>) -> impl Fn(u64, Option<u64>) + Send + Sync + 'static {
+        let me = Arc::clone(self);
+        move |received, total| me.report(received, total)
+    }
+
+    fn report(self: &Arc<Self>, received: u64, total: Option<u64>) {
+        let before = self.last.load(Ordering::Relaxed);
         let step = total.map_or(1 << 20, |t| (t / 100).max(1 << 20));
         if received < before + step && Some(received) != total {
             return;
         }
-        last.store(received, Ordering::Relaxed);
+        self.last.store(received, Ordering::Relaxed);
+        let mut q = self.queue.lock().expect("progress poisoned");
+        q.0.push_back((received, total));
+        if q.1 {
+            return;
+        }
+        q.1 = true;
+        drop(q);
+        let me = Arc::clone(self);
+        match runtime() {
+            Ok(rt) => drop(rt.spawn_blocking(move || me.drain())),
+            Err(_) => self.queue.lock().expect("progress poisoned").1 = false,
+        }
+    }
+
+    /// Delivers queued reports until none is left.
+    fn drain(&self) {
+        let _one_at_a_time = self.delivering.lock().expect("progress poisoned");
+        loop {
+            let next = {
+                let mut q = self.queue.lock().expect("progress poisoned");
+                match q.0.pop_front() {
+                    Some(r) => r,
+                    None => {
+                        q.1 = false;
+                        return;
+                    }
+                }
+            };
+            self.deliver(next);
+        }
+    }
+
+    /// Delivers what is still queued, after any delivery under way; called
+    /// before the call settles, so the last report comes before the result.
+    fn flush(&self) {
+        let _one_at_a_time = self.delivering.lock().expect("progress poisoned");
+        loop {
+            let next = self.queue.lock().expect("progress poisoned").0.pop_front();
+            match next {
+                Some(r) => self.deliver(r),
+                None => return,
+            }
+        }
+    }
+
+    fn deliver(&self, (received, total): Report) {
         with_python(|py| {
-            if let Err(e) = progress.call1(py, (received, total)) {
-                e.write_unraisable(py, Some(progress.bind(py)));
+            if let Err(e) = self.callback.call1(py, (received, total)) {
+                e.write_unraisable(py, Some(self.callback.bind(py)));
             }
         });
     }
@@ -443,6 +528,7 @@ impl NativeStream {
                 }
             },
             done,
+            None,
         )
     }
 

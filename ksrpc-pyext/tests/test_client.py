@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 
@@ -418,6 +419,36 @@ def test_a_progress_callback_sees_a_big_reply_arrive(connect):
     assert len(data) == 8 << 20
     # reports about every MiB, the last near the end (random bytes do not compress)
     assert len(seen) >= 4 and seen[-1][0] >= (8 << 20) - (2 << 20)
+
+
+def test_a_blocked_progress_callback_does_not_stall_the_socket(url):
+    """The callback runs on a thread of its own, not on the one reading the socket: while it
+    blocks, other calls on the same WebSocket still get their replies; once it returns, the
+    reports arrive in order, the last one before the result."""
+    release = threading.Event()
+    blocked = threading.Event()
+    seen = []
+
+    def progress(received, total):
+        seen.append((received, total))
+        blocked.set()
+        release.wait(60)
+
+    async def main():
+        async with WebSocketConnection(ws_url(url), username="u", password="pw") as conn:
+            m = mod(conn)
+            big = asyncio.ensure_future(mod(conn, lazy=True).big_bytes(16).collect(progress=progress))
+            assert await asyncio.to_thread(blocked.wait, 60), "no progress report"
+            # the first report is still inside the callback
+            small = await asyncio.wait_for(asyncio.gather(*(m.echo(i) for i in range(20))), 30)
+            reports_meanwhile = len(seen)
+            release.set()
+            data = await big
+            return small, reports_meanwhile, len(data), list(seen)
+    small, meanwhile, size, reports = run(main())
+    assert small == list(range(20)) and meanwhile == 1
+    assert size == 16 << 20 and reports[-1][0] >= (16 << 20) - (2 << 20)
+    assert all(a[0] < b[0] for a, b in zip(reports, reports[1:]))
 
 
 # ---- the server going away ----------------------------------------------------------------------

@@ -170,7 +170,7 @@ class BaseConnection:
     def _progress(self, progress: Progress, label: str):
         chosen = self.progress if progress is None else progress
         if chosen is None or chosen is True:
-            # each report takes the GIL on the thread reading the socket: none without a bar
+            # each report takes the GIL (on a thread of its own): none without a bar
             return _AutoProgress(label) if _tqdm_installed() else None
         return chosen or None
 
