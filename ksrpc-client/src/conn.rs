@@ -577,9 +577,26 @@ async fn read_loop(mut stream: futures_util::stream::SplitStream<WsStream>, shar
         let (stream, wire) = (pushed.id, pushed.message.unwrap_or_default());
         if !native::is_light(&wire, INLINE) {
             // Big replies decode on the blocking pool so small ones behind
-            // them are delivered meanwhile.
+            // them are delivered meanwhile. Their caller is taken out of
+            // `pending` now: the reply is here whole, and a close that comes
+            // while it decodes (a server stopping once it has sent its last
+            // reply) must not fail it.
+            let waiting = shared.pending.lock().expect("pending map poisoned").remove(&stream);
             let shared = shared.clone();
-            tokio::task::spawn_blocking(move || deliver(&shared, stream, decode_server(&wire, limits)));
+            tokio::task::spawn_blocking(move || match (waiting, decode_server(&wire, limits)) {
+                (Some(p), Ok(ServerMessage::Reply { id, outcome })) if id == stream => {
+                    let _ = p.reply.send(reply_of(outcome));
+                }
+                (Some(p), Err(e)) => {
+                    let _ = p.reply.send(Err(e));
+                }
+                (waiting, message) => {
+                    if let Some(p) = waiting {
+                        let _ = p.reply.send(Err(Error::Protocol(format!("stream {stream} carried no reply to it"))));
+                    }
+                    deliver(&shared, stream, message);
+                }
+            });
         } else if let Some(refused) = deliver(&shared, stream, decode_server(&wire, limits)) {
             break refused;
         }

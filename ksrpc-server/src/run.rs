@@ -12,7 +12,7 @@ use actix_web::{middleware, web, App, HttpServer};
 use anyhow::{anyhow, Context, Result};
 use ksrpc_core::auth::UserStore;
 use ksrpc_py::PyExecutor;
-use ksrpc_transport_http::{guard, HttpState};
+use ksrpc_transport_http::{guard, HttpState, StopTrigger, Stopping};
 
 use crate::config::path_cut_by_client;
 use crate::Config;
@@ -35,12 +35,14 @@ pub struct Running {
     /// `http` or `https`.
     scheme: &'static str,
     handle: ServerHandle,
+    /// Tells every connection the server is stopping.
+    stop: StopTrigger,
     executor: PyExecutor,
     grace: Duration,
     thread: Option<JoinHandle<Result<()>>>,
 }
 
-type Ready = Result<(Vec<SocketAddr>, ServerHandle)>;
+type Ready = Result<(Vec<SocketAddr>, ServerHandle, StopTrigger)>;
 
 /// Binds and starts serving on a new thread; returns once the server is
 /// listening (and, with [`Signals::Own`], its signal handlers are in place)
@@ -55,7 +57,9 @@ pub fn start(config: Config, users: UserStore, executor: PyExecutor, signals: Si
         .name("ksrpc-http".into())
         .spawn(move || actix_web::rt::System::new().block_on(serve(config, users, server_executor, signals, tx)))?;
     match rx.recv() {
-        Ok(Ok((addrs, handle))) => Ok(Running { addrs, path, scheme, handle, executor, grace, thread: Some(thread) }),
+        Ok(Ok((addrs, handle, stop))) => {
+            Ok(Running { addrs, path, scheme, handle, stop, executor, grace, thread: Some(thread) })
+        }
         Ok(Err(e)) => {
             let _ = thread.join();
             Err(e)
@@ -91,7 +95,7 @@ impl Running {
     /// need the GIL.
     pub fn stop(&mut self) -> Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(drain(&self.handle, &self.executor, self.grace, std::future::pending()));
+        rt.block_on(drain(&self.handle, &self.stop, &self.executor, self.grace, std::future::pending()));
         self.wait_thread()
     }
 
@@ -101,6 +105,7 @@ impl Running {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         if rt.block_on(drain(
             &self.handle,
+            &self.stop,
             &self.executor,
             self.grace,
             std::future::ready("the host process is exiting"),
@@ -132,7 +137,7 @@ async fn serve(
     signals: Signals,
     ready: mpsc::Sender<Ready>,
 ) -> Result<()> {
-    let (addrs, server) = match bind(&config, users, executor.clone()) {
+    let (addrs, server, stop) = match bind(&config, users, executor.clone()) {
         Ok(bound) => bound,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -149,6 +154,7 @@ async fn serve(
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let handle = handle.clone();
+        let stop = stop.clone();
         let grace = Duration::from_secs(config.server.shutdown_grace);
         actix_web::rt::spawn(async move {
             let first = tokio::select! {
@@ -162,12 +168,12 @@ async fn serve(
                     _ = int.recv() => "second SIGINT",
                 }
             };
-            if drain(&handle, &executor, grace, second).await == Drained::Forced {
+            if drain(&handle, &stop, &executor, grace, second).await == Drained::Forced {
                 let _ = forced_tx.send(());
             }
         });
     }
-    let _ = ready.send(Ok((addrs, handle)));
+    let _ = ready.send(Ok((addrs, handle, stop)));
     tokio::select! {
         stopped = server => stopped?,
         // The connections still open are dropped with the process.
@@ -190,9 +196,13 @@ enum Drained {
 /// Stops the server: no new connections; calls in flight get `grace`, then
 /// the ones still in flight are cut (each caller is answered that the server
 /// is shutting down, and its transport logs the call as usual). `interrupt`
-/// resolving first (a second signal) cuts them at once.
+/// resolving first (a second signal) cuts them at once. Connections close
+/// as soon as they are idle (`stop`: a WebSocket with nothing in flight
+/// closes with 1001, an HTTP reply ends its connection), so the server
+/// exits once the last call is answered, not at the end of the grace.
 async fn drain(
     handle: &ServerHandle,
+    stop: &StopTrigger,
     executor: &PyExecutor,
     grace: Duration,
     interrupt: impl std::future::Future<Output = &'static str>,
@@ -204,6 +214,7 @@ async fn drain(
         "no new connections; waiting up to {} s for {calls} calls in flight (server.shutdown_grace)",
         grace.as_secs()
     );
+    stop.trigger();
     let stopping = handle.stop(true);
     tokio::pin!(stopping, interrupt);
     let cut = |why: &str| {
@@ -235,7 +246,11 @@ async fn drain(
     }
 }
 
-fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<SocketAddr>, actix_web::dev::Server)> {
+fn bind(
+    config: &Config,
+    users: UserStore,
+    executor: PyExecutor,
+) -> Result<(Vec<SocketAddr>, actix_web::dev::Server, StopTrigger)> {
     let path = config.server.path.clone();
     if let Some(set) = path_cut_by_client(&path) {
         tracing::warn!(
@@ -252,6 +267,7 @@ fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<
              set [server.tls] cert and key, or put a TLS proxy (or an frp tunnel with TLS) in front"
         );
     }
+    let (stop, stopping) = Stopping::new();
     let state = web::Data::new(HttpState {
         users: Arc::new(users),
         executor: Arc::new(executor),
@@ -264,6 +280,7 @@ fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<
         send_timeout: Duration::from_secs_f64(config.limits.send_timeout.min(1e9)),
         cache: config.cache()?,
         trusted_proxies: config.trusted_proxies()?,
+        stopping,
     });
     let app_path = path;
     let mut server = HttpServer::new(move || {
@@ -286,5 +303,5 @@ fn bind(config: &Config, users: UserStore, executor: PyExecutor) -> Result<(Vec<
         None => server.bind(addr),
     }
     .with_context(|| format!("binding {}:{}", config.server.host, config.server.port))?;
-    Ok((server.addrs(), server.disable_signals().run()))
+    Ok((server.addrs(), server.disable_signals().run(), stop))
 }

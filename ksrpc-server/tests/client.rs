@@ -452,6 +452,49 @@ async fn shutdown_waits_out_the_grace_then_answers_the_calls_still_running() {
     assert_eq!(log.matches("call cut: the server is shutting down").count(), 2, "a line per cut call:\n{log}");
 }
 
+/// SIGTERM with idle connections open (a native WebSocket, a 0.8.1
+/// WebSocket, an HTTP keep-alive connection) and a big reply on its way
+/// over each transport: the replies arrive whole, the idle sockets are
+/// closed with 1001, and the server exits as soon as the last reply is out,
+/// not at the end of its 120 s grace (before, an idle WebSocket held it
+/// there: actix's graceful stop waits for every connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_connections_and_lets_replies_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let mut server = Server::start_env(4, "", "info", Some(&log), &[("KSRPC_SERVER__SHUTDOWN_GRACE", "120")]);
+    let (mut idle_native, ()) = ws_connect(&server).await;
+    let (mut idle_compat, ()) = ws_connect_to(&server, "/ws").await;
+    let keep_alive = server.client(Transport::Http, ADMIN).await;
+    assert_eq!(keep_alive.module("bench_mod").call("echo", (7,)).await.unwrap(), Value::Int(7));
+    let mut big = Vec::new();
+    for transport in BOTH {
+        let client = server.client(transport, ADMIN).await;
+        big.push(tokio::spawn(async move {
+            // Built on the server for this call (about a second), then sent.
+            let batches = client.module("bench_mod").call("market_frame", (1_000_000, 7)).record_batches().await?;
+            Ok::<_, ksrpc_client::Error>(batches.iter().map(|b| b.num_rows()).sum::<usize>())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    signal(&server, "TERM");
+    for (transport, call) in BOTH.iter().zip(big) {
+        let rows = tokio::time::timeout(Duration::from_secs(60), call).await.expect("answered").unwrap();
+        let rows = rows.unwrap_or_else(|e| panic!("{transport:?}: {e}\n{}", std::fs::read_to_string(&log).unwrap()));
+        assert_eq!(rows, 1_000_000, "{transport:?}");
+    }
+    for (name, ws) in [("native", &mut idle_native), ("0.8.1", &mut idle_compat)] {
+        let (_, code) = read_until_close(ws).await;
+        assert_eq!(code, Some(1001), "the idle {name} socket is closed as going away");
+    }
+    let status = exit_within(&mut server, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    eprintln!("exited {:?} after SIGTERM (grace 120 s)", signalled.elapsed());
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(!log.contains("call cut"), "nothing was cut:\n{log}");
+}
+
 /// A second signal stops at once, without waiting out a long grace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_stops_at_once() {
@@ -816,8 +859,13 @@ type RawWs = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStrea
 use tokio_tungstenite::tungstenite;
 
 async fn ws_connect(server: &Server) -> (RawWs, ()) {
+    ws_connect_to(server, "/v2/ws").await
+}
+
+/// A raw WebSocket to `path` under the server's base, as the admin.
+async fn ws_connect_to(server: &Server, path: &str) -> (RawWs, ()) {
     use tungstenite::client::IntoClientRequest;
-    let url = format!("{}/v2/ws", server.base.replacen("http://", "ws://", 1));
+    let url = format!("{}{path}", server.base.replacen("http://", "ws://", 1));
     let mut request = url.into_client_request().unwrap();
     request.headers_mut().insert("Authorization", basic(ADMIN.0, ADMIN.1).parse().unwrap());
     request.headers_mut().insert("X-Timestamp", timestamp().parse().unwrap());

@@ -14,6 +14,7 @@ pub mod cached;
 mod error;
 pub mod forwarded;
 mod reply;
+pub mod stopping;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,7 @@ use tokio::sync::oneshot;
 
 pub use error::TransportError;
 pub use reply::{cached_reply, log_call, outcome_of, stream_reply, CallStats, Caller, ClientIp, SEND_TIMEOUT};
+pub use stopping::{StopTrigger, Stopping};
 
 /// What every route needs; registered once as `web::Data<HttpState>`.
 #[derive(Clone)]
@@ -62,6 +64,8 @@ pub struct HttpState {
     /// Proxies whose `X-Forwarded-For` names the client
     /// (`server.trusted_proxies`; see [`forwarded`]).
     pub trusted_proxies: Vec<forwarded::Cidr>,
+    /// Set when the server starts stopping (see [`stopping`]).
+    pub stopping: Stopping,
 }
 
 /// Native HTTP calls in flight by (user, request id), so that a `Cancel`
@@ -127,6 +131,7 @@ impl std::fmt::Debug for HttpState {
             .field("budget", &self.budget)
             .field("body_idle", &self.body_idle)
             .field("send_timeout", &self.send_timeout)
+            .field("stopping", &self.stopping.is_set())
             .finish()
     }
 }
@@ -152,7 +157,12 @@ pub async fn guard(
     req.extensions_mut().insert(ClientIp(ip));
     let user = authenticate(&state.users, name, password, Peer::of(ip)).await?;
     req.extensions_mut().insert(user);
-    next.call(req).await
+    let mut res = next.call(req).await?;
+    // Stopping: no connection is kept alive for another request.
+    if state.stopping.is_set() && res.status() != actix_web::http::StatusCode::SWITCHING_PROTOCOLS {
+        res.response_mut().head_mut().set_connection_type(actix_web::http::ConnectionType::Close);
+    }
+    Ok(res)
 }
 
 /// Verifies credentials: a cached success costs a keyed hash; a miss runs

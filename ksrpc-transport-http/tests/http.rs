@@ -62,6 +62,7 @@ fn state(limits: Limits) -> web::Data<HttpState> {
         send_timeout: std::time::Duration::from_secs(300),
         cache: None,
         trusted_proxies: Vec::new(),
+        stopping: ksrpc_transport_http::Stopping::never(),
     })
 }
 

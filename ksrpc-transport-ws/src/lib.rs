@@ -27,6 +27,9 @@ use std::sync::Arc;
 /// after this long without a message.
 pub(crate) const HALF_SENT_IDLE: Duration = Duration::from_secs(300);
 
+/// The reason of the close (1001) a socket gets when the server stops.
+pub(crate) const SHUTTING_DOWN: &str = "the server is shutting down";
+
 pub mod v2;
 
 /// Registers `GET {prefix}/ws` and `GET {prefix}/v2/ws`.
@@ -78,7 +81,14 @@ async fn serve(
                 }
             }
         } else {
-            messages.next().await
+            // Between calls: a stopping server closes the socket now.
+            tokio::select! {
+                m = messages.next() => m,
+                () = state.stopping.wait() => {
+                    let _ = session.close(close_reason(CloseCode::Away, SHUTTING_DOWN)).await;
+                    return;
+                }
+            }
         };
         let msg = match next {
             Some(Ok(m)) => m,

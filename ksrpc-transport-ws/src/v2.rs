@@ -131,6 +131,9 @@ impl Socket {
                 }
             };
             let sending = !self.outgoing.is_empty();
+            // Nothing in flight either way: a stopping server closes the socket.
+            let quiet = !sending && !half_sent && self.in_flight.is_empty() && self.closing == 0;
+            let stopping = self.state.stopping.clone();
             // Backpressure: with too much accepted and unanswered, stop
             // reading until calls finish.
             // Memory: a frame is read only while the budget has room for it.
@@ -157,6 +160,7 @@ impl Socket {
                 }
                 () = std::future::ready(()), if sending => self.send_slice().await,
                 () = idle => Err(Some((CloseCode::Policy, "a message was left half-sent".into()))),
+                () = stopping.wait(), if quiet => Err(Some((CloseCode::Away, crate::SHUTTING_DOWN.into()))),
                 // Not reading for want of budget: look again soon (the bytes
                 // may be freed by other sockets, which do not wake this one).
                 () = tokio::time::sleep(BUDGET_RETRY), if !reading => Ok(()),
