@@ -115,6 +115,14 @@ pub enum ExecError {
     Internal(String),
 }
 
+/// Told a compat request's cache chain once the executor has read the
+/// request, before the call runs: `Some(chain)` (`module.attr.attr`) when a
+/// plain result of the call may be cached under that chain, `None` when its
+/// reply never can be (a generator step, a chain among the arguments, or a
+/// request that does not read). Called at most once, from the thread that
+/// read the request: it must be quick and must not block.
+pub type ChainSeen = Box<dyn FnOnce(Option<&str>) + Send + 'static>;
+
 /// Runs calls. Implementations must never block the calling async task's
 /// thread: do the work elsewhere and await it.
 #[async_trait::async_trait]
@@ -123,6 +131,15 @@ pub trait Executor: Send + Sync + 'static {
     /// (a reply with status 500); `Err` is for requests that never ran.
     /// Dropping the future tells the executor the client has gone away.
     async fn call_compat(&self, request: CompatRequest) -> Result<CompatReply, ExecError>;
+
+    /// [`call_compat`](Executor::call_compat), calling `seen` with the
+    /// request's cache chain as soon as it is known (the result cache lets
+    /// identical requests stop waiting for this one when its chain is not
+    /// cacheable). The default never calls `seen`.
+    async fn call_compat_seen(&self, request: CompatRequest, seen: ChainSeen) -> Result<CompatReply, ExecError> {
+        drop(seen);
+        self.call_compat(request).await
+    }
 
     /// Runs one native-protocol call. A call that raises is `Ok(Outcome::Err)`.
     async fn call_native(&self, request: NativeRequest) -> Result<Outcome, ExecError>;

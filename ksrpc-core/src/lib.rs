@@ -29,5 +29,5 @@ pub use auth::{AuthError, Peer, User, UserStore};
 pub use budget::{BudgetError, MemoryBudget, Reservation};
 pub use chain::{Args, Call, CallChain};
 pub use codec::{ChunkedZlib, Codec, CodecError, Level, Limits, Zstd};
-pub use executor::{CallOutcome, CompatReply, CompatRequest, ExecError, Executor, NativeRequest};
+pub use executor::{CallOutcome, ChainSeen, CompatReply, CompatRequest, ExecError, Executor, NativeRequest};
 pub use rules::{Pattern, RuleSet};

@@ -1456,7 +1456,9 @@ class Executor:
             del req
             summary = _summarize(module, calls, ref_id)
             if self._note is not None:
-                self._note(call_id, summary)  # the server logs it if the call outruns its timeout
+                # The server logs the summary if the call outruns its timeout; the chain lets
+                # identical requests waiting on the result cache go on when it is not cacheable.
+                self._note(call_id, summary, _cache_chain(module, calls, ref_id, self._RpcClient))
             ctx = _Ctx(user, rules, state, time.monotonic() + self._call_timeout)
             cache_chain = raised = None
             try:

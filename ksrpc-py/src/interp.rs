@@ -13,9 +13,11 @@ pub(crate) struct Hooks {
     /// A call is about to wait for its package's busy lane (called from a
     /// pool thread, attached): the pool should add a thread meanwhile.
     pub(crate) lend: Box<dyn Fn() + Send + Sync>,
-    /// A compat call's chain summary, once unpickled (for a timeout's log
-    /// line: the chain is only known in Python).
-    pub(crate) note: Box<dyn Fn(u64, String) + Send + Sync>,
+    /// A compat call's chain summary and cache chain (`None`: never
+    /// cacheable), once unpickled: the summary for a timeout's log line, the
+    /// cache chain for `Executor::call_compat_seen` (the chain is only known
+    /// in Python).
+    pub(crate) note: Box<dyn Fn(u64, String, Option<String>) + Send + Sync>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -170,10 +172,10 @@ pub(crate) fn start(config: &PythonConfig, host: Host, hooks: Hooks) -> Result<P
         let note = PyCFunction::new_closure(
             py,
             Some(c"note"),
-            Some(c"Tells the pool a compat call's chain (call_id, summary)."),
+            Some(c"Tells the pool a compat call's chain (call_id, summary, cache_chain_or_None)."),
             move |args, _kwargs| -> PyResult<()> {
-                let (id, summary): (u64, String) = args.extract()?;
-                note(id, summary);
+                let (id, summary, chain): (u64, String, Option<String>) = args.extract()?;
+                note(id, summary, chain);
                 Ok(())
             },
         )

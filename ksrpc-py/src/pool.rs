@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender};
 use ksrpc_core::auth::User;
 use ksrpc_core::chain::CallChain;
 use ksrpc_core::native::{Outcome, RemoteError, Value};
-use ksrpc_core::{compat, CallOutcome, CompatReply, CompatRequest, ExecError, Executor, NativeRequest};
+use ksrpc_core::{compat, CallOutcome, ChainSeen, CompatReply, CompatRequest, ExecError, Executor, NativeRequest};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tokio::sync::{oneshot, watch};
@@ -123,6 +123,9 @@ struct Shared {
     /// Call id -> the chain of a compat call in flight (told by Python once
     /// unpickled), for the log line of a call that outruns its timeout.
     summaries: Arc<Mutex<HashMap<u64, String>>>,
+    /// Call id -> who wants the compat call's cache chain as soon as Python
+    /// has read the request (`Executor::call_compat_seen`).
+    seen: Arc<Mutex<HashMap<u64, ChainSeen>>>,
     per_user: Mutex<HashMap<String, usize>>,
     next_id: AtomicU64,
     workers: AtomicUsize,
@@ -175,11 +178,16 @@ impl PyExecutor {
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let lender = control_tx.clone();
         let summaries: Arc<Mutex<HashMap<u64, String>>> = Arc::default();
-        let noted = summaries.clone();
+        let seen: Arc<Mutex<HashMap<u64, ChainSeen>>> = Arc::default();
+        let (noted, told) = (summaries.clone(), seen.clone());
         let hooks = interp::Hooks {
             lend: Box::new(move || drop(lender.send(Control::Lend))),
-            note: Box::new(move |id, summary| {
+            note: Box::new(move |id, summary, chain| {
                 noted.lock().expect("summaries poisoned").insert(id, summary);
+                let waiting = told.lock().expect("seen poisoned").remove(&id);
+                if let Some(tell) = waiting {
+                    tell(chain.as_deref());
+                }
             }),
         };
         let executor = interp::start(&config, host, hooks)?;
@@ -191,6 +199,7 @@ impl PyExecutor {
             control: control_tx,
             running: Mutex::new(HashMap::new()),
             summaries,
+            seen,
             per_user: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             workers: AtomicUsize::new(0),
@@ -528,6 +537,7 @@ impl Drop for CallGuard<'_> {
         }
         *self.shared.last_activity.lock().expect("activity poisoned") = Instant::now();
         self.shared.summaries.lock().expect("summaries poisoned").remove(&self.id);
+        self.shared.seen.lock().expect("seen poisoned").remove(&self.id);
         let mut per_user = self.shared.per_user.lock().expect("per-user map poisoned");
         if let Some(n) = per_user.get_mut(self.user) {
             *n -= 1;
@@ -545,6 +555,7 @@ impl PyExecutor {
     async fn submit<T>(
         &self,
         user: &Arc<User>,
+        seen: Option<ChainSeen>,
         work: impl FnOnce(oneshot::Sender<Result<T, ExecError>>) -> Work,
         on_timeout: impl FnOnce(String, Option<String>) -> T,
     ) -> Result<T, ExecError> {
@@ -564,6 +575,9 @@ impl PyExecutor {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let cancelled = Arc::new(AtomicBool::new(false));
         let mut guard = CallGuard { shared, user: &user.name, id, cancelled: cancelled.clone(), finished: false };
+        if let Some(seen) = seen {
+            shared.seen.lock().expect("seen poisoned").insert(id, seen);
+        }
         let (tx, rx) = oneshot::channel();
         let job = Job { id, user: user.clone(), work: work(tx), cancelled };
         let key: Arc<str> = Arc::from(user.name.as_str());
@@ -602,9 +616,31 @@ impl PyExecutor {
 #[async_trait::async_trait]
 impl Executor for PyExecutor {
     async fn call_compat(&self, request: CompatRequest) -> Result<CompatReply, ExecError> {
+        self.compat(request, None).await
+    }
+
+    async fn call_compat_seen(&self, request: CompatRequest, seen: ChainSeen) -> Result<CompatReply, ExecError> {
+        self.compat(request, Some(seen)).await
+    }
+
+    async fn call_native(&self, request: NativeRequest) -> Result<Outcome, ExecError> {
+        let chain = request.chain;
+        self.submit(
+            &request.user,
+            None,
+            |reply| Work::Native { chain, reply },
+            |message, _| Outcome::Err(RemoteError { kind: "TimeoutError".into(), message, traceback: String::new() }),
+        )
+        .await
+    }
+}
+
+impl PyExecutor {
+    async fn compat(&self, request: CompatRequest, seen: Option<ChainSeen>) -> Result<CompatReply, ExecError> {
         let payload = request.payload;
         self.submit(
             &request.user,
+            seen,
             |reply| Work::Compat { payload, reply },
             |msg, summary| {
                 let body = compat::error_reply("", "TimeoutError", &msg, "", &compat::utc_now_iso());
@@ -618,16 +654,6 @@ impl Executor for PyExecutor {
                     outcome: CallOutcome::Timeout,
                 }
             },
-        )
-        .await
-    }
-
-    async fn call_native(&self, request: NativeRequest) -> Result<Outcome, ExecError> {
-        let chain = request.chain;
-        self.submit(
-            &request.user,
-            |reply| Work::Native { chain, reply },
-            |message, _| Outcome::Err(RemoteError { kind: "TimeoutError".into(), message, traceback: String::new() }),
         )
         .await
     }

@@ -1462,6 +1462,51 @@ async fn request_bodies_are_decoded_off_the_connection_workers() {
     }
 }
 
+/// With the result cache on, identical 0.8.1 requests whose chain is not
+/// cacheable run side by side: three `barrier_wait(3)` at once meet at the
+/// barrier. Which chain a compat request names is only known once Python
+/// has read it, so identical requests wait for the first of them (single
+/// flight); it used to hold them until it ended (three 1 s calls took 2 s,
+/// and these three broke the barrier), now until Python has read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_uncacheable_compat_calls_do_not_wait_for_each_other() {
+    // 8 threads: a user may run 4 calls at once.
+    let server = Server::start_with(8, "[cache]\nenabled = true\nttl = [\"bench_mod.cached_* 600\"]\n");
+    let python = std::env::var("KSRPC_CLIENT_PYTHON_BIN").expect("KSRPC_CLIENT_PYTHON_BIN is set by cargo xtask test");
+    let script = r#"
+import asyncio, sys
+from ksrpc.client import RpcClient
+from ksrpc.connections.http import HttpConnection
+from ksrpc.connections.websocket import WebSocketConnection
+http_url, ws_url, user, password = sys.argv[1:5]
+
+async def main():
+    async with HttpConnection(http_url, username=user, password=password) as conn:
+        bench = RpcClient("bench_mod", conn)
+        print("http", await asyncio.gather(*(bench.barrier_wait(3, 5.0) for _ in range(3)), return_exceptions=True))
+    conns = [WebSocketConnection(ws_url, username=user, password=password) for _ in range(3)]
+    try:
+        got = await asyncio.gather(*(RpcClient("bench_mod", c).barrier_wait(3, 5.0) for c in conns), return_exceptions=True)
+        print("ws", got)
+    finally:
+        for c in conns:
+            await c.__aexit__()
+
+asyncio.run(main())
+"#;
+    let out = Command::new(python)
+        .args(["-c", script, &server.base, &server.base.replacen("http://", "ws://", 1), ADMIN.0, ADMIN.1])
+        .env("PRINT_PROGRESS", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for transport in ["http", "ws"] {
+        let line = stdout.lines().find(|l| l.starts_with(transport)).unwrap_or_default();
+        assert_eq!(line, format!("{transport} [True, True, True]"), "{stdout}");
+    }
+}
+
 /// The result cache on the native protocol, as a deployment sees it: hits
 /// served without running the call (counted on the server), shared by users
 /// with the same rules and never given to a user the rules refuse, one run

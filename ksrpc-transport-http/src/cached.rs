@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use ksrpc_cache::{Begin, Entry, Fill, Kind, ResultCache};
 use ksrpc_core::auth::User;
 use ksrpc_core::native::{self, Outcome, ServerMessage, Value};
-use ksrpc_core::{CallChain, CompatReply};
+use ksrpc_core::{CallChain, ChainSeen, CompatReply, CompatRequest, ExecError};
 
 use crate::{encode_server_message, HttpState, TransportError, INLINE_REPLY};
 
@@ -71,6 +71,36 @@ pub async fn compat_begin(state: &HttpState, user: &User, payload: &Bytes) -> Co
         Begin::Hit(e) => CompatStart::Hit(e),
         Begin::Miss(fill) => CompatStart::Run(fill),
     }
+}
+
+/// Runs a compat call. When this call holds its key's fill, the executor
+/// tells the request's chain as soon as Python has read it, and a chain no
+/// ttl pattern names releases the fill there and then: identical requests
+/// waiting for this one run now, in parallel, instead of after it (which
+/// chain a compat request names is unknown until it is unpickled, so the
+/// first identical requests of a key always wait for the first). Returns the
+/// reply and the fill, when still held.
+pub async fn run_compat(
+    state: &HttpState,
+    request: CompatRequest,
+    fill: Option<Fill>,
+) -> (Result<CompatReply, ExecError>, Option<Fill>) {
+    let (Some(cache), Some(fill)) = (state.cache.clone(), fill) else {
+        return (state.executor.call_compat(request).await, None);
+    };
+    let slot = Arc::new(std::sync::Mutex::new(Some(fill)));
+    let held = slot.clone();
+    let seen: ChainSeen = Box::new(move |chain| {
+        if chain.and_then(|c| cache.ttl_for(c)).is_none() {
+            let fill = held.lock().expect("fill poisoned").take();
+            if let Some(fill) = fill {
+                fill.never();
+            }
+        }
+    });
+    let reply = state.executor.call_compat_seen(request, seen).await;
+    let fill = slot.lock().expect("fill poisoned").take();
+    (reply, fill)
 }
 
 /// Collects a fresh reply's encoded pieces and stores them when the whole

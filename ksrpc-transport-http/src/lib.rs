@@ -456,7 +456,8 @@ async fn chunk(
     };
     // The payload stays charged while the call runs (it is in Python's hands).
     held.resize(payload.len() as u64)?;
-    let reply = state.executor.call_compat(CompatRequest { user: user.clone(), payload }).await.inspect_err(|e| {
+    let (reply, fill) = cached::run_compat(&state, CompatRequest { user: user.clone(), payload }, fill).await;
+    let reply = reply.inspect_err(|e| {
         let summary = match e {
             ksrpc_core::ExecError::BadRequest { summary, .. } => summary.as_str(),
             _ => "<not run>",

@@ -183,9 +183,9 @@ async fn serve(
         let request = CompatRequest { user: user.clone(), payload };
         // Keep reading while the call runs: a close or a vanished client
         // drops the call future, which cancels the call.
-        let call = state.executor.call_compat(request);
+        let call = cached::run_compat(&state, request, fill);
         tokio::pin!(call);
-        let outcome = loop {
+        let (outcome, fill) = loop {
             tokio::select! {
                 outcome = &mut call => break outcome,
                 msg = messages.next() => match msg {
