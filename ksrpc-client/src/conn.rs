@@ -20,10 +20,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{ClientBuilder, Error, Progress, Transport};
-
-/// Messages bigger than this are encoded and decoded on the blocking pool.
-const INLINE: usize = 64 * 1024;
-
 /// A call's successful outcome.
 #[derive(Debug)]
 pub(crate) enum Reply {
@@ -78,7 +74,7 @@ fn timestamp() -> String {
 
 async fn encode(message: ClientMessage) -> Result<Vec<u8>, Error> {
     let big = match &message {
-        ClientMessage::Call { chain, .. } => Value::Chain(Box::new(chain.clone())).weight() > INLINE,
+        ClientMessage::Call { chain, .. } => Value::Chain(Box::new(chain.clone())).weight() > native::INLINE_BYTES,
         _ => false,
     };
     if big {
@@ -95,7 +91,7 @@ fn decode_server(wire: &[u8], limits: Limits) -> Result<ServerMessage, Error> {
 }
 
 async fn decode_server_off_thread(wire: Vec<u8>, limits: Limits) -> Result<ServerMessage, Error> {
-    if native::is_light(&wire, INLINE) {
+    if native::is_light(&wire, native::INLINE_BYTES) {
         return decode_server(&wire, limits);
     }
     tokio::task::spawn_blocking(move || decode_server(&wire, limits))
@@ -575,7 +571,7 @@ async fn read_loop(mut stream: futures_util::stream::SplitStream<WsStream>, shar
             continue;
         }
         let (stream, wire) = (pushed.id, pushed.message.unwrap_or_default());
-        if !native::is_light(&wire, INLINE) {
+        if !native::is_light(&wire, native::INLINE_BYTES) {
             // Big replies decode on the blocking pool so small ones behind
             // them are delivered meanwhile. Their caller is taken out of
             // `pending` now: the reply is here whole, and a close that comes

@@ -514,6 +514,14 @@ pub fn declared_size(wire: &[u8]) -> Option<u64> {
     zstd::zstd_safe::get_frame_content_size(wire).ok().flatten()
 }
 
+/// The most work done where it is, on an async worker: a native message of
+/// at most this many bytes (on the wire, decoded, or a value of this
+/// weight) is encoded or decoded inline, a bigger one on a blocking thread.
+/// The server's transports and the client share this one bound; it also
+/// decides which result-cache work (hashing a request, splicing a cached
+/// reply) stays inline.
+pub const INLINE_BYTES: usize = 64 * 1024;
+
 /// Whether decoding `wire` is cheap enough to do on an async worker: small
 /// on the wire and declaring a small decoded size (a frame without a
 /// declared size, or one that expands a lot, counts as heavy).

@@ -381,7 +381,7 @@ impl Config {
     }
 
     /// `server.trusted_proxies`, parsed.
-    pub fn trusted_proxies(&self) -> Result<Vec<ksrpc_transport_http::forwarded::Cidr>> {
+    pub fn trusted_proxies(&self) -> Result<Vec<ksrpc_transport::forwarded::Cidr>> {
         self.server
             .trusted_proxies
             .iter()

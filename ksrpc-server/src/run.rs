@@ -12,7 +12,7 @@ use actix_web::{middleware, web, App, HttpServer};
 use anyhow::{anyhow, Context, Result};
 use ksrpc_core::auth::UserStore;
 use ksrpc_py::PyExecutor;
-use ksrpc_transport_http::{guard, HttpState, StopTrigger, Stopping};
+use ksrpc_transport::{guard, ServerState, StopTrigger, Stopping};
 
 use crate::config::path_cut_by_client;
 use crate::Config;
@@ -268,7 +268,7 @@ fn bind(
         );
     }
     let (stop, stopping) = Stopping::new();
-    let state = web::Data::new(HttpState {
+    let state = web::Data::new(ServerState {
         users: Arc::new(users),
         executor: Arc::new(executor),
         codec: config.codec(),

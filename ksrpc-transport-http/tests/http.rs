@@ -15,7 +15,8 @@ use ksrpc_core::codec::Zstd;
 use ksrpc_core::codec::{decode_all, encode_to_vec, ChunkedZlib, Limits, BORDER};
 use ksrpc_core::native::{self, ClientMessage, Outcome, ServerMessage, Value};
 use ksrpc_core::{CompatReply, CompatRequest, ExecError, Executor, NativeRequest, RuleSet};
-use ksrpc_transport_http::{guard, routes, HttpState};
+use ksrpc_transport::{guard, ServerState};
+use ksrpc_transport_http::routes;
 
 /// Echoes the payload reversed, so a test sees the executor really ran;
 /// a payload of `bad` is a bad request.
@@ -47,10 +48,10 @@ impl Executor for Echo {
     }
 }
 
-fn state(limits: Limits) -> web::Data<HttpState> {
+fn state(limits: Limits) -> web::Data<ServerState> {
     let mut users = UserStore::new(AuthTuning::default());
     users.add_plain("admin", "secret", RuleSet::parse(&["allow *"]).unwrap());
-    web::Data::new(HttpState {
+    web::Data::new(ServerState {
         users: Arc::new(users),
         executor: Arc::new(Echo),
         codec: ChunkedZlib::default(),
@@ -62,7 +63,7 @@ fn state(limits: Limits) -> web::Data<HttpState> {
         send_timeout: std::time::Duration::from_secs(300),
         cache: None,
         trusted_proxies: Vec::new(),
-        stopping: ksrpc_transport_http::Stopping::never(),
+        stopping: ksrpc_transport::Stopping::never(),
     })
 }
 

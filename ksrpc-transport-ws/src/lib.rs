@@ -7,7 +7,7 @@
 //! While a call runs, the socket is still read, so a client that leaves
 //! cancels its call instead of holding the executor.
 //!
-//! [`guard`]: ksrpc_transport_http::guard
+//! [`guard`]: ksrpc_transport::guard
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,8 @@ use ksrpc_core::auth::User;
 use ksrpc_core::codec::{Codec, Flow, WsEvent, WsFrame, EOF};
 use ksrpc_core::ChunkedZlib;
 use ksrpc_core::{compat, CompatReply, CompatRequest, ExecError};
-use ksrpc_transport_http::cached::{self, Store};
-use ksrpc_transport_http::{caller_of, log_call, CallStats, Caller, HttpState, TransportError, INLINE_DECODE};
+use ksrpc_transport::cached::{self, Store};
+use ksrpc_transport::{caller_of, log_call, CallStats, Caller, ServerState, TransportError, INLINE_DECODE};
 use std::sync::Arc;
 
 /// A request (or, on `/v2/ws`, a message) that stops half-way is dropped
@@ -43,7 +43,7 @@ pub fn routes(prefix: &str) -> impl FnOnce(&mut web::ServiceConfig) + '_ {
 async fn upgrade(
     req: HttpRequest,
     body: web::Payload,
-    state: web::Data<HttpState>,
+    state: web::Data<ServerState>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let (user, caller) = caller_of(&req)?;
     let (response, session, messages) = actix_ws::handle(&req, body)?;
@@ -60,7 +60,7 @@ pub(crate) fn close_reason(code: CloseCode, text: impl Into<String>) -> Option<C
 
 /// Serves one socket until the client closes it or breaks the protocol.
 async fn serve(
-    state: Arc<HttpState>,
+    state: Arc<ServerState>,
     (user, caller): (Arc<User>, Caller),
     mut session: Session,
     mut messages: AggregatedMessageStream,
@@ -213,7 +213,7 @@ async fn serve(
                 CompatReply { status: 500, body: body.into(), summary: "<not run>".into(), cache_chain: None, outcome }
             }
         };
-        let reply = ksrpc_transport_http::admit_compat_reply(reply, &mut held, &user.name);
+        let reply = ksrpc_transport::admit_compat_reply(reply, &mut held, &user.name);
         let (mark, store) = cached::compat_after(&state, fill, &reply);
         match send_reply(&state, &mut session, &reply, store).await {
             Some(bytes_out) => {
@@ -234,7 +234,7 @@ async fn serve(
 /// A reply the result cache keeps is encoded in the HTTP form (the one form
 /// the cache stores) and sent as the frames of that form.
 async fn send_reply(
-    state: &HttpState,
+    state: &ServerState,
     session: &mut Session,
     reply: &CompatReply,
     store: Option<Store>,
@@ -279,7 +279,7 @@ async fn send_reply(
 /// the blocking pool, each kept and sent as its WebSocket frames; stored
 /// once all of it was encoded.
 async fn send_and_store(
-    state: &HttpState,
+    state: &ServerState,
     session: &mut Session,
     reply: &CompatReply,
     mut store: Store,

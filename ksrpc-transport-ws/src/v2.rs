@@ -22,8 +22,8 @@ use ksrpc_core::mux::{self, Header, MuxError, Reassembler};
 use ksrpc_core::native::{self, ClientMessage, NativeError, Outcome, RemoteError, ServerMessage};
 use ksrpc_core::Reservation;
 use ksrpc_core::{ExecError, NativeRequest};
-use ksrpc_transport_http::cached::{self, CacheMark};
-use ksrpc_transport_http::{caller_of, log_call, outcome_of, CallStats, Caller, HttpState, TransportError};
+use ksrpc_transport::cached::{self, CacheMark};
+use ksrpc_transport::{caller_of, log_call, outcome_of, CallStats, Caller, ServerState, TransportError};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::AbortHandle;
 
@@ -45,7 +45,7 @@ pub const QUEUED_PER_SOCKET: usize = 1024;
 pub(crate) async fn upgrade(
     req: HttpRequest,
     body: web::Payload,
-    state: web::Data<HttpState>,
+    state: web::Data<ServerState>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let (user, caller) = caller_of(&req)?;
     let (response, session, messages) = actix_ws::handle(&req, body)?;
@@ -66,7 +66,7 @@ struct Outgoing {
 type Finished = (u64, Option<Bytes>);
 
 struct Socket {
-    state: Arc<HttpState>,
+    state: Arc<ServerState>,
     user: Arc<User>,
     caller: Caller,
     session: Session,
@@ -96,7 +96,7 @@ struct Socket {
 type Stop = Option<(CloseCode, String)>;
 
 impl Socket {
-    fn new(state: Arc<HttpState>, user: Arc<User>, caller: Caller, session: Session) -> Self {
+    fn new(state: Arc<ServerState>, user: Arc<User>, caller: Caller, session: Session) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let held = state.budget.reservation(&user.name);
         Socket {
@@ -193,7 +193,7 @@ impl Socket {
             Ok(()) => data,
             Err(e) => {
                 tracing::warn!(user = %self.user.name, id, "reply refused: {e}");
-                let outcome = Outcome::Err(ksrpc_transport_http::over_budget(&e));
+                let outcome = Outcome::Err(ksrpc_transport::over_budget(&e));
                 Bytes::from(native::encode_compressed(&ServerMessage::Reply { id, outcome }))
             }
         }
@@ -277,7 +277,7 @@ impl Socket {
         // budget has no room for it the socket waits (and reads nothing);
         // only a wait beyond the half-sent idle time closes it.
         let mut decoding = self.state.budget.reservation(&self.user.name);
-        let charge = ksrpc_transport_http::decode_charge(&wire, limits);
+        let charge = ksrpc_transport::decode_charge(&wire, limits);
         let waiting = Instant::now();
         while let Err(e) = decoding.resize(charge) {
             if waiting.elapsed() > HALF_SENT_IDLE {
@@ -286,7 +286,7 @@ impl Socket {
             }
             tokio::time::sleep(BUDGET_RETRY).await;
         }
-        let decoded = match ksrpc_transport_http::decode_client_message(wire, limits, &mut decoding).await {
+        let decoded = match ksrpc_transport::decode_client_message(wire, limits, &mut decoding).await {
             Ok(decoded) => decoded,
             Err(e) => return Err(Some((CloseCode::from(e.close_code()), e.to_string()))),
         };
@@ -356,7 +356,7 @@ impl Socket {
 
 /// Runs one call and hands its encoded reply to the socket's writer.
 async fn run_call(
-    state: Arc<HttpState>,
+    state: Arc<ServerState>,
     (user, caller): (Arc<User>, Caller),
     permits: Arc<Semaphore>,
     (id, bytes_in): (u64, u64),

@@ -18,7 +18,8 @@ use ksrpc_core::auth::User;
 use ksrpc_core::native::{self, Outcome, ServerMessage, Value};
 use ksrpc_core::{CallChain, ChainSeen, CompatReply, CompatRequest, ExecError};
 
-use crate::{encode_server_message, HttpState, TransportError, INLINE_REPLY};
+use crate::{encode_server_message, ServerState, TransportError};
+use ksrpc_core::native::INLINE_BYTES;
 
 /// The `cache=` field of a call's log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,9 +56,9 @@ pub enum CompatStart {
 /// Looks a compat request up (its decoded pickle is the canonical request;
 /// which chain it names is only known once Python has read it, so every
 /// request is hashed: a big one on the blocking pool, not on the worker).
-pub async fn compat_begin(state: &HttpState, user: &User, payload: &Bytes) -> CompatStart {
+pub async fn compat_begin(state: &ServerState, user: &User, payload: &Bytes) -> CompatStart {
     let Some(cache) = &state.cache else { return CompatStart::Run(None) };
-    let key = if payload.len() <= INLINE_REPLY {
+    let key = if payload.len() <= INLINE_BYTES {
         cache.key(Kind::Compat, &user.rules, payload)
     } else {
         let (cache, rules, payload) = (cache.clone(), user.rules.clone(), payload.clone());
@@ -81,7 +82,7 @@ pub async fn compat_begin(state: &HttpState, user: &User, payload: &Bytes) -> Co
 /// first identical requests of a key always wait for the first). Returns the
 /// reply and the fill, when still held.
 pub async fn run_compat(
-    state: &HttpState,
+    state: &ServerState,
     request: CompatRequest,
     fill: Option<Fill>,
 ) -> (Result<CompatReply, ExecError>, Option<Fill>) {
@@ -157,7 +158,7 @@ impl Store {
 /// What a fresh compat reply means for the cache: whether to store it, and
 /// the log mark. A plain result whose chain matches no ttl pattern marks
 /// the key as never cached (later identical calls do not wait).
-pub fn compat_after(state: &HttpState, fill: Option<Fill>, reply: &CompatReply) -> (CacheMark, Option<Store>) {
+pub fn compat_after(state: &ServerState, fill: Option<Fill>, reply: &CompatReply) -> (CacheMark, Option<Store>) {
     let Some(cache) = &state.cache else { return (CacheMark::Skip, None) };
     let chain = reply.cache_chain.as_deref().filter(|_| reply.status == 200);
     match chain.map(|c| cache.ttl_for(c)) {
@@ -220,7 +221,7 @@ pub enum NativeStart {
 
 /// Looks a native call up: only chains a ttl pattern names are looked up
 /// (the chain is explicit, so this is known before the call).
-pub async fn native_begin(state: &HttpState, user: &User, chain: &CallChain<Value>) -> NativeStart {
+pub async fn native_begin(state: &ServerState, user: &User, chain: &CallChain<Value>) -> NativeStart {
     let Some(cache) = &state.cache else { return NativeStart::Run(CacheMark::Skip, None) };
     let Some(ttl) = native_chain(chain).and_then(|c| cache.ttl_for(&c)) else {
         return NativeStart::Run(CacheMark::Skip, None);
@@ -246,13 +247,13 @@ pub async fn native_hit(id: u64, entry: Arc<Entry>) -> Result<Vec<u8>, Transport
 }
 
 fn entry_is_small(entry: &Entry) -> bool {
-    entry.body.len() <= INLINE_REPLY
+    entry.body.len() <= INLINE_BYTES
 }
 
 /// Encodes the reply to `id`; with a store and a result (not an error), the
 /// outcome is encoded once, kept, and the reply spliced from it.
 pub async fn native_reply(
-    state: &HttpState,
+    state: &ServerState,
     id: u64,
     outcome: Outcome,
     store: Option<(Fill, Duration)>,
@@ -262,7 +263,7 @@ pub async fn native_reply(
         (Outcome::Ok(_), Some(store), Some(cache)) => (store, cache),
         _ => return encode_server_message(ServerMessage::Reply { id, outcome }).await,
     };
-    let small = crate::outcome_weight(&outcome) <= INLINE_REPLY as u64 && cache.settings().path.is_none();
+    let small = crate::outcome_weight(&outcome) <= INLINE_BYTES as u64 && cache.settings().path.is_none();
     let summary = summary.to_owned();
     let work = move || {
         let frame = Bytes::from(native::encode_outcome(&outcome));
