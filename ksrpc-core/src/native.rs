@@ -20,6 +20,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::chain::CallChain;
+use crate::codec::zstd_codec;
+pub use crate::codec::zstd_codec::declared_size;
 
 /// The native protocol version this build speaks.
 pub const VERSION: u16 = 1;
@@ -185,6 +187,12 @@ enum ValueRepr {
     Pickle(ByteBuf),
 }
 
+// The decode's nesting depth and value count live in thread-locals, reset by
+// [`decode`] before each message: serde's `Deserialize` has no context
+// parameter, and threading one through (a `DeserializeSeed` for `Value` and
+// for every container and chain type that holds one) would double this
+// module for the same check. A decode never yields, so one thread decodes one
+// message at a time.
 thread_local! {
     static DEPTH: Cell<usize> = const { Cell::new(0) };
     /// Set when a decode on this thread hit [`MAX_DEPTH`]: postcard turns
@@ -371,79 +379,17 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     postcard::to_extend(message, out).expect("serializing into a Vec cannot fail")
 }
 
-/// Messages up to this size are (de)compressed in one call with a context
-/// kept per thread: creating a zstd context costs more than compressing a
-/// small call.
-const BULK_MAX: usize = 4 << 20;
-/// Largest declared expansion decoded in one call; beyond it the streaming
-/// decoder (which stops at the limit as bytes come out) is used.
-const BULK_MAX_RATIO: u64 = 64;
-/// Messages from this size are compressed by zstd's own worker threads at a
-/// fast level: big arrays and tables, where speed matters more than the last
-/// few percent of size (see `compress_parallel`).
-const MULTITHREAD_FROM: usize = 4 << 20;
-
-thread_local! {
-    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
 /// [`encode`] then zstd: the bytes a transport sends (one zstd frame with
 /// its content size).
 pub fn encode_compressed<T: Serialize>(message: &T) -> Vec<u8> {
-    compress(encode(message))
-}
-
-/// zstd as [`encode_compressed`] does it: one frame with its content size,
-/// small messages with a context kept per thread, big ones in parallel.
-fn compress(raw: Vec<u8>) -> Vec<u8> {
-    if raw.len() <= BULK_MAX {
-        let bulk = COMPRESSOR.with(|c| {
-            let mut c = c.borrow_mut();
-            let compressor = match c.as_mut() {
-                Some(compressor) => compressor,
-                None => c.insert(zstd::bulk::Compressor::new(crate::codec::Zstd::default().level).ok()?),
-            };
-            compressor.compress(&raw).ok()
-        });
-        if let Some(wire) = bulk {
-            return wire;
-        }
-    }
-    if raw.len() >= MULTITHREAD_FROM {
-        if let Some(wire) = compress_parallel(&raw) {
-            return wire;
-        }
-    }
-    crate::codec::encode_to_vec(&crate::codec::Zstd::default(), raw.into())
-        .expect("zstd compression into memory cannot fail")
-}
-
-/// Big messages: level 1 on zstd's worker threads, or level -1 (literals
-/// left uncompressed, decoding at memcpy-like speed) when a 1 MiB sample
-/// from the middle shrinks by less than 10% (random floats, packed data).
-fn compress_parallel(raw: &[u8]) -> Option<Vec<u8>> {
-    let mid = raw.len() / 2;
-    let sample = &raw[mid.saturating_sub(512 << 10)..(mid + (512 << 10)).min(raw.len())];
-    let sampled = zstd::bulk::compress(sample, 1).ok()?.len();
-    let level = if sampled * 10 > sample.len() * 9 { -1 } else { 1 };
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) as u32;
-    let mut out = Vec::with_capacity(raw.len() / 2 + 1024);
-    let mut encoder = zstd::stream::write::Encoder::new(&mut out, level).ok()?;
-    encoder.multithread(workers).ok()?;
-    encoder.set_pledged_src_size(Some(raw.len() as u64)).ok()?;
-    std::io::Write::write_all(&mut encoder, raw).ok()?;
-    encoder.finish().ok()?;
-    Some(out)
+    zstd_codec::compress_message(encode(message))
 }
 
 /// The outcome alone, postcard then zstd (one frame with its content
 /// size): what the result cache keeps, so that a hit becomes a reply with
 /// [`reply_from_outcome`] without encoding or compressing again.
 pub fn encode_outcome(outcome: &Outcome) -> Vec<u8> {
-    compress(postcard::to_allocvec(outcome).expect("serializing into a Vec cannot fail"))
+    zstd_codec::compress_message(postcard::to_allocvec(outcome).expect("serializing into a Vec cannot fail"))
 }
 
 /// The wire bytes of `ServerMessage::Reply { id, outcome }` from the frame
@@ -456,62 +402,10 @@ pub fn encode_outcome(outcome: &Outcome) -> Vec<u8> {
 /// the frame is not one this can splice (a checksum, a dictionary, no
 /// content size, or not one whole frame).
 pub fn reply_from_outcome(id: u64, frame: &[u8]) -> Option<Vec<u8>> {
-    const MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
-    if frame.len() < 6 || frame[..4] != MAGIC || zstd::zstd_safe::find_frame_compressed_size(frame).ok()? != frame.len()
-    {
-        return None;
-    }
-    let content = zstd::zstd_safe::get_frame_content_size(frame).ok().flatten()?;
-    let fhd = frame[4];
-    let (fcs_flag, single, checksum, dict) = (fhd >> 6, fhd & 0x20 != 0, fhd & 0x04 != 0, fhd & 0x03);
-    if checksum || dict != 0 || fhd & 0x08 != 0 {
-        return None;
-    }
-    let mut at = 5;
-    let window = if single {
-        None
-    } else {
-        at += 1;
-        Some(*frame.get(5)?)
-    };
-    at += match (fcs_flag, single) {
-        (0, true) => 1,
-        (0, false) => 0,
-        (1, _) => 2,
-        (2, _) => 4,
-        _ => 8,
-    };
-    let blocks = frame.get(at..)?;
     let mut prefix = postcard::to_allocvec(&VERSION).expect("a u16 always serializes");
     prefix.push(0); // ServerMessage::Reply, the first variant
     let prefix = postcard::to_extend(&id, prefix).expect("serializing into a Vec cannot fail");
-    // A window that covers what the outcome's single segment covered (its
-    // whole content, rounded up to a power of two), or the outcome's own.
-    let window = window.unwrap_or_else(|| {
-        let log = (64 - content.max(1024).saturating_sub(1).leading_zeros()).max(10) as u8;
-        (log - 10) << 3
-    });
-    let total = content.checked_add(prefix.len() as u64)?;
-    let mut out = Vec::with_capacity(frame.len() + prefix.len() + 16);
-    out.extend_from_slice(&MAGIC);
-    out.push(0xC0); // 8-byte content size, windowed, no checksum, no dictionary
-    out.push(window);
-    out.extend_from_slice(&total.to_le_bytes());
-    let raw_block = (prefix.len() as u32) << 3; // not last, raw, size
-    out.extend_from_slice(&raw_block.to_le_bytes()[..3]);
-    out.extend_from_slice(&prefix);
-    out.extend_from_slice(blocks);
-    Some(out)
-}
-
-/// The decoded size a message declares: only when it is one zstd frame
-/// (frames after the first would decode beyond what the first declares).
-pub fn declared_size(wire: &[u8]) -> Option<u64> {
-    let first = zstd::zstd_safe::find_frame_compressed_size(wire).ok()?;
-    if first != wire.len() {
-        return None;
-    }
-    zstd::zstd_safe::get_frame_content_size(wire).ok().flatten()
+    zstd_codec::prepend_raw_block(&prefix, frame)
 }
 
 /// The most work done where it is, on an async worker: a native message of
@@ -537,31 +431,7 @@ pub fn decode_compressed<T: serde::de::DeserializeOwned>(
     if wire.len() as u64 > limits.max_encoded {
         return Err(NativeError::Malformed(format!("message exceeds the limit of {} bytes", limits.max_encoded)));
     }
-    // Anything not decoded in one call (no declared size, several frames,
-    // over the limits, corrupt) takes the streaming decoder, which enforces
-    // the limits as it goes and names the failure.
-    // One frame with a declared size decodes in one call into a buffer of
-    // exactly that size, when the size is within the limit and plausible
-    // for the input (a bomb's declared size is refused before allocating).
-    {
-        if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(wire) {
-            if size <= limits.max_decoded && size <= (wire.len() as u64).saturating_mul(BULK_MAX_RATIO) {
-                let bulk = DECOMPRESSOR.with(|d| {
-                    let mut d = d.borrow_mut();
-                    let decompressor = match d.as_mut() {
-                        Some(decompressor) => decompressor,
-                        None => d.insert(zstd::bulk::Decompressor::new().ok()?),
-                    };
-                    decompressor.decompress(wire, size as usize).ok()
-                });
-                if let Some(bytes) = bulk.filter(|b| b.len() as u64 == size) {
-                    return decode(&bytes);
-                }
-            }
-        }
-    }
-    let bytes = crate::codec::decode_all(&crate::codec::Zstd::default(), wire, limits)
-        .map_err(|e| NativeError::Malformed(e.to_string()))?;
+    let bytes = zstd_codec::decompress_message(wire, limits).map_err(|e| NativeError::Malformed(e.to_string()))?;
     decode(&bytes)
 }
 

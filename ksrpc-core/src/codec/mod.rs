@@ -9,7 +9,7 @@
 
 mod chunked_zlib;
 mod inflate;
-mod zstd_codec;
+pub(crate) mod zstd_codec;
 
 pub use chunked_zlib::{
     ChunkedZlib, Level, LevelParseError, WsDecoder, WsEvent, WsFrame, BORDER, DEFAULT_MAX_ENCODED_SLICE,

@@ -1,5 +1,9 @@
-//! The zstd codec of the native protocol: one zstd stream per message, with
-//! the same [`Limits`] as the chunked-zlib codec.
+//! zstd, all of it: the streaming codec of the native protocol (one zstd
+//! stream per message, with the same [`Limits`] as the chunked-zlib codec),
+//! the whole-message path the native protocol uses (a context kept per
+//! thread for small messages, zstd's worker threads for big ones, a decoder
+//! that allocates a declared size only when it is plausible), the declared
+//! size of a frame, and the frame splice that serves a cached outcome.
 
 use bytes::Bytes;
 use zstd::stream::raw::{DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
@@ -155,6 +159,155 @@ impl StreamDecoder for ZstdDecoder {
     fn buffered(&self) -> u64 {
         self.out.len() as u64
     }
+}
+
+/// Messages up to this size are (de)compressed in one call with a context
+/// kept per thread: creating a zstd context costs more than compressing a
+/// small call.
+const BULK_MAX: usize = 4 << 20;
+/// Largest declared expansion decoded in one call; beyond it the streaming
+/// decoder (which stops at the limit as bytes come out) is used.
+const BULK_MAX_RATIO: u64 = 64;
+/// Messages from this size are compressed by zstd's own worker threads at a
+/// fast level: big arrays and tables, where speed matters more than the last
+/// few percent of size (see `compress_parallel`).
+const MULTITHREAD_FROM: usize = 4 << 20;
+
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A whole native message compressed: one frame with its content size,
+/// small messages with a context kept per thread, big ones in parallel.
+pub fn compress_message(raw: Vec<u8>) -> Vec<u8> {
+    if raw.len() <= BULK_MAX {
+        let bulk = COMPRESSOR.with(|c| {
+            let mut c = c.borrow_mut();
+            let compressor = match c.as_mut() {
+                Some(compressor) => compressor,
+                None => c.insert(zstd::bulk::Compressor::new(Zstd::default().level).ok()?),
+            };
+            compressor.compress(&raw).ok()
+        });
+        if let Some(wire) = bulk {
+            return wire;
+        }
+    }
+    if raw.len() >= MULTITHREAD_FROM {
+        if let Some(wire) = compress_parallel(&raw) {
+            return wire;
+        }
+    }
+    super::encode_to_vec(&Zstd::default(), raw.into()).expect("zstd compression into memory cannot fail")
+}
+
+/// Big messages: level 1 on zstd's worker threads, or level -1 (literals
+/// left uncompressed, decoding at memcpy-like speed) when a 1 MiB sample
+/// from the middle shrinks by less than 10% (random floats, packed data).
+fn compress_parallel(raw: &[u8]) -> Option<Vec<u8>> {
+    let mid = raw.len() / 2;
+    let sample = &raw[mid.saturating_sub(512 << 10)..(mid + (512 << 10)).min(raw.len())];
+    let sampled = zstd::bulk::compress(sample, 1).ok()?.len();
+    let level = if sampled * 10 > sample.len() * 9 { -1 } else { 1 };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) as u32;
+    let mut out = Vec::with_capacity(raw.len() / 2 + 1024);
+    let mut encoder = zstd::stream::write::Encoder::new(&mut out, level).ok()?;
+    encoder.multithread(workers).ok()?;
+    encoder.set_pledged_src_size(Some(raw.len() as u64)).ok()?;
+    std::io::Write::write_all(&mut encoder, raw).ok()?;
+    encoder.finish().ok()?;
+    Some(out)
+}
+
+/// Undoes [`compress_message`] under `limits`. One frame with a declared
+/// size decodes in one call into a buffer of exactly that size, when the
+/// size is within the limit and plausible for the input (a bomb's declared
+/// size is refused before allocating); anything else (no declared size,
+/// several frames, over the limits, corrupt) takes the streaming decoder,
+/// which enforces the limits as it goes and names the failure.
+pub fn decompress_message(wire: &[u8], limits: Limits) -> Result<Vec<u8>, CodecError> {
+    if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(wire) {
+        if size <= limits.max_decoded && size <= (wire.len() as u64).saturating_mul(BULK_MAX_RATIO) {
+            let bulk = DECOMPRESSOR.with(|d| {
+                let mut d = d.borrow_mut();
+                let decompressor = match d.as_mut() {
+                    Some(decompressor) => decompressor,
+                    None => d.insert(zstd::bulk::Decompressor::new().ok()?),
+                };
+                decompressor.decompress(wire, size as usize).ok()
+            });
+            if let Some(bytes) = bulk.filter(|b| b.len() as u64 == size) {
+                return Ok(bytes);
+            }
+        }
+    }
+    super::decode_all(&Zstd::default(), wire, limits)
+}
+
+/// The decoded size a message declares: only when it is one zstd frame
+/// (frames after the first would decode beyond what the first declares).
+pub fn declared_size(wire: &[u8]) -> Option<u64> {
+    let first = zstd::zstd_safe::find_frame_compressed_size(wire).ok()?;
+    if first != wire.len() {
+        return None;
+    }
+    zstd::zstd_safe::get_frame_content_size(wire).ok().flatten()
+}
+
+/// One zstd frame made of `prefix` (as a raw block) followed by the blocks
+/// of `frame`, decoding to `prefix` then what `frame` decodes to: how a
+/// cached native outcome becomes a reply without compressing again (see
+/// `native::reply_from_outcome`). The blocks' matches reach back only within
+/// `frame`'s content, and a raw block changes neither the repeat offsets nor
+/// the entropy tables. `None` when `frame` is not one this can splice (a
+/// checksum, a dictionary, no content size, or not one whole frame).
+pub fn prepend_raw_block(prefix: &[u8], frame: &[u8]) -> Option<Vec<u8>> {
+    const MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
+    if frame.len() < 6 || frame[..4] != MAGIC || zstd::zstd_safe::find_frame_compressed_size(frame).ok()? != frame.len()
+    {
+        return None;
+    }
+    let content = zstd::zstd_safe::get_frame_content_size(frame).ok().flatten()?;
+    let fhd = frame[4];
+    let (fcs_flag, single, checksum, dict) = (fhd >> 6, fhd & 0x20 != 0, fhd & 0x04 != 0, fhd & 0x03);
+    if checksum || dict != 0 || fhd & 0x08 != 0 {
+        return None;
+    }
+    let mut at = 5;
+    let window = if single {
+        None
+    } else {
+        at += 1;
+        Some(*frame.get(5)?)
+    };
+    at += match (fcs_flag, single) {
+        (0, true) => 1,
+        (0, false) => 0,
+        (1, _) => 2,
+        (2, _) => 4,
+        _ => 8,
+    };
+    let blocks = frame.get(at..)?;
+    // A window that covers what the outcome's single segment covered (its
+    // whole content, rounded up to a power of two), or the outcome's own.
+    let window = window.unwrap_or_else(|| {
+        let log = (64 - content.max(1024).saturating_sub(1).leading_zeros()).max(10) as u8;
+        (log - 10) << 3
+    });
+    let total = content.checked_add(prefix.len() as u64)?;
+    let mut out = Vec::with_capacity(frame.len() + prefix.len() + 16);
+    out.extend_from_slice(&MAGIC);
+    out.push(0xC0); // 8-byte content size, windowed, no checksum, no dictionary
+    out.push(window);
+    out.extend_from_slice(&total.to_le_bytes());
+    let raw_block = (prefix.len() as u32) << 3; // not last, raw, size
+    out.extend_from_slice(&raw_block.to_le_bytes()[..3]);
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(blocks);
+    Some(out)
 }
 
 #[cfg(test)]
