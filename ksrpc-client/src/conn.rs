@@ -309,10 +309,12 @@ impl Drop for HttpCall<'_> {
 /// A random first request id: request ids of one user's HTTP clients must
 /// not collide, since `Cancel` names a call by (user, id).
 fn random_id_base() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-    (h.finish() >> 2).max(1)
+    // Without the OS's randomness (never on the platforms we build for), the
+    // clock still keeps two clients of one process apart.
+    let random = getrandom::u64()
+        .unwrap_or_else(|_| SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
+    // Two bits of room: ids count up from here for the client's lifetime.
+    (random >> 2).max(1)
 }
 
 impl HttpConn {

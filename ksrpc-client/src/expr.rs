@@ -633,7 +633,6 @@ impl Parser<'_> {
             'n' => Some(b'\n'),
             't' => Some(b'\t'),
             'r' => Some(b'\r'),
-            '0' => Some(0),
             'a' => Some(0x07),
             'b' => Some(0x08),
             'f' => Some(0x0c),
@@ -648,6 +647,27 @@ impl Parser<'_> {
             return Ok(());
         }
         match c {
+            // Python's octal escape: one to three octal digits (`\0`, `\012`, `\177`).
+            '0'..='7' => {
+                let mut code = c.to_digit(8).unwrap_or(0);
+                for _ in 0..2 {
+                    match self.peek().and_then(|d| d.to_digit(8)) {
+                        Some(d) => {
+                            code = code * 8 + d;
+                            self.pos += 1;
+                        }
+                        None => break,
+                    }
+                }
+                if bytes {
+                    let byte = u8::try_from(code)
+                        .map_err(|_| err(at, format!("octal escape \\{code:o} is over 0o377 in a bytes literal")))?;
+                    out.push(byte);
+                } else {
+                    push_char(out, char::from_u32(code).unwrap_or('\0'));
+                }
+                Ok(())
+            }
             'x' => {
                 let code = self.hex_digits(at, 2)?;
                 let byte = u8::try_from(code).map_err(|_| err(at, "invalid \\x escape"))?;
@@ -660,13 +680,7 @@ impl Parser<'_> {
             }
             'u' | 'U' if bytes => Err(err(at, format!("\\{c} escapes are not allowed in bytes literals; use \\x"))),
             'u' | 'U' => {
-                let code = if c == 'U' {
-                    self.hex_digits(at, 8)?
-                } else if self.eat('{') {
-                    self.braced_hex(at)?
-                } else {
-                    self.hex_digits(at, 4)?
-                };
+                let code = if c == 'U' { self.hex_digits(at, 8)? } else { self.hex_digits(at, 4)? };
                 let ch = char::from_u32(code)
                     .ok_or_else(|| err(at, format!("escape {code:#x} is not a Unicode scalar value")))?;
                 push_char(out, ch);
@@ -689,22 +703,6 @@ impl Parser<'_> {
             }
         }
         Ok(code)
-    }
-
-    /// 1 to 6 hex digits and a `}`, after `\u{`.
-    fn braced_hex(&mut self, at: usize) -> Result<u32, ParseError> {
-        let mut code = 0u32;
-        let mut n = 0;
-        loop {
-            match self.bump() {
-                Some('}') if n > 0 => return Ok(code),
-                Some(c) if n < 6 && c.is_ascii_hexdigit() => {
-                    code = code * 16 + c.to_digit(16).unwrap_or(0);
-                    n += 1;
-                }
-                _ => return Err(err(at, "\\u{...} needs 1 to 6 hex digits")),
-            }
-        }
     }
 }
 
@@ -907,10 +905,15 @@ mod tests {
         assert_eq!(arg(r#"'a\nb\tc\rd\\e\'f\"g'"#), s("a\nb\tc\rd\\e'f\"g"));
         assert_eq!(arg(r#""it\'s \"x\"""#), s("it's \"x\""));
         assert_eq!(arg(r"'\x41\xe9'"), s("A\u{e9}"));
-        assert_eq!(arg(r"'\u{1F600}'"), s("\u{1F600}"));
         assert_eq!(arg(r"'\u00e9'"), s("\u{e9}"));
         assert_eq!(arg(r"'\U0001F600'"), s("\u{1F600}"));
         assert_eq!(arg(r"'\0\a\b\f\v'"), s("\0\u{7}\u{8}\u{c}\u{b}"));
+        // Octal escapes as Python reads them: up to three digits.
+        assert_eq!(arg(r"'\012'"), s("\n"));
+        assert_eq!(arg(r"'\0123'"), s("\n3"));
+        assert_eq!(arg(r"'\101\7'"), s("A\u{7}"));
+        assert_eq!(arg(r"'\777'"), s("\u{1ff}"));
+        assert_eq!(arg(r"b'\377\0'"), Value::Bytes(ByteBuf::from(vec![0xff, 0])));
         assert_eq!(arg("'héllo wörld'"), s("héllo wörld"));
         assert_eq!(arg("'a,b)c'"), s("a,b)c"));
     }
@@ -921,9 +924,10 @@ mod tests {
         arg_fails_with(r"'\xZ1'", "hex digits");
         arg_fails_with(r"'\x4'", "hex digits");
         arg_fails_with(r"'\u12'", "hex digits");
-        arg_fails_with(r"'\u{}'", "1 to 6 hex digits");
-        arg_fails_with(r"'\u{1234567}'", "1 to 6 hex digits");
-        arg_fails_with(r"'\u{110000}'", "not a Unicode scalar value");
+        // Rust's \u{...} is not Python syntax.
+        arg_fails_with(r"'\u{1F600}'", "hex digits");
+        arg_fails_with(r"b'\400'", "over 0o377");
+        arg_fails_with(r"'\U00110000'", "not a Unicode scalar value");
         arg_fails_with(r"'\ud800'", "not a Unicode scalar value");
     }
 

@@ -62,19 +62,12 @@ impl Pickler {
 /// The current UTC time as ISO-8601 (`2026-11-25T06:17:42`), for the
 /// `datetime` field of replies built without Python (the client ignores it).
 pub fn utc_now_iso() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    iso(time::OffsetDateTime::now_utc())
+}
+
+fn iso(t: time::OffsetDateTime) -> String {
+    let (year, month, day) = (t.year(), u8::from(t.month()), t.day());
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", t.hour(), t.minute(), t.second())
 }
 
 #[cfg(test)]
@@ -85,5 +78,13 @@ mod tests {
         assert_eq!(s.len(), 19, "{s}");
         assert!(s.starts_with("20"), "{s}");
         assert_eq!(&s[10..11], "T");
+    }
+
+    #[test]
+    fn iso_time_of_known_instants() {
+        let at = |secs| super::iso(time::OffsetDateTime::from_unix_timestamp(secs).unwrap());
+        assert_eq!(at(0), "1970-01-01T00:00:00");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00");
+        assert_eq!(at(1_796_683_928), "2026-12-07T22:52:08");
     }
 }
