@@ -80,23 +80,21 @@ async fn encode(message: ClientMessage) -> Result<Vec<u8>, Error> {
     if big {
         tokio::task::spawn_blocking(move || native::encode_compressed(&message))
             .await
-            .map_err(|e| Error::Protocol(e.to_string()))
+            .map_err(|e| Error::Protocol(Box::new(e)))
     } else {
         Ok(native::encode_compressed(&message))
     }
 }
 
 fn decode_server(wire: &[u8], limits: Limits) -> Result<ServerMessage, Error> {
-    native::decode_compressed::<ServerMessage>(wire, limits).map_err(|e| Error::Protocol(e.to_string()))
+    native::decode_compressed::<ServerMessage>(wire, limits).map_err(|e| Error::Protocol(Box::new(e)))
 }
 
 async fn decode_server_off_thread(wire: Vec<u8>, limits: Limits) -> Result<ServerMessage, Error> {
     if native::is_light(&wire, native::INLINE_BYTES) {
         return decode_server(&wire, limits);
     }
-    tokio::task::spawn_blocking(move || decode_server(&wire, limits))
-        .await
-        .map_err(|e| Error::Protocol(e.to_string()))?
+    tokio::task::spawn_blocking(move || decode_server(&wire, limits)).await.map_err(|e| Error::Protocol(Box::new(e)))?
 }
 
 pub(crate) enum Conn {
@@ -328,7 +326,7 @@ impl HttpConn {
         match reply? {
             ServerMessage::Reply { id: got, outcome } if got == id => reply_of(outcome),
             ServerMessage::Reply { id: got, .. } => {
-                Err(Error::Protocol(format!("reply to request {got}, expected {id}")))
+                Err(Error::Protocol(format!("reply to request {got}, expected {id}").into()))
             }
             ServerMessage::Refused { reason } => Err(Error::Refused(reason)),
         }
@@ -377,7 +375,9 @@ impl HttpConn {
         while let Some(piece) = body.next().await {
             let piece = piece.map_err(|e| Error::Connection(e.to_string()))?;
             if (wire.len() + piece.len()) as u64 > self.limits.max_encoded {
-                return Err(Error::Protocol(format!("reply over the limit of {} bytes", self.limits.max_encoded)));
+                return Err(Error::Protocol(
+                    format!("reply over the limit of {} bytes", self.limits.max_encoded).into(),
+                ));
             }
             wire.extend_from_slice(&piece);
             if let Some(p) = &progress {
@@ -590,7 +590,9 @@ async fn read_loop(mut stream: futures_util::stream::SplitStream<WsStream>, shar
                 }
                 (waiting, message) => {
                     if let Some(p) = waiting {
-                        let _ = p.reply.send(Err(Error::Protocol(format!("stream {stream} carried no reply to it"))));
+                        let _ = p
+                            .reply
+                            .send(Err(Error::Protocol(format!("stream {stream} carried no reply to it").into())));
                     }
                     deliver(&shared, stream, message);
                 }

@@ -38,7 +38,7 @@ pub enum Error {
     Timeout(Duration),
     /// The server's reply could not be read.
     #[error("protocol: {0}")]
-    Protocol(String),
+    Protocol(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The result does not fit the type asked for.
     #[error("the result does not fit the requested type: {0}")]
     Deserialize(String),

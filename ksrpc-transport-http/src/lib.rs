@@ -63,7 +63,9 @@ async fn next_piece(body: &mut web::Payload, idle: Duration) -> Result<Option<By
     match tokio::time::timeout(idle, body.next()).await {
         Err(_) => Err(TransportError::BodyIdle(idle.as_secs_f64())),
         Ok(None) => Ok(None),
-        Ok(Some(piece)) => piece.map(Some).map_err(|e| TransportError::BadRequest(format!("reading the body: {e}"))),
+        Ok(Some(piece)) => {
+            piece.map(Some).map_err(|e| TransportError::BadRequest(format!("reading the body: {e}").into()))
+        }
     }
 }
 
@@ -135,7 +137,7 @@ async fn decode_body(
             } else {
                 web::block(move || feed(decoder, &pieces))
                     .await
-                    .map_err(|e| TransportError::Internal(e.to_string()))??
+                    .map_err(|e| TransportError::Internal(Box::new(e)))??
             };
             batched = 0;
             held.resize(decoder.buffered())?;
@@ -173,7 +175,7 @@ async fn read_raw(
     let mut out = Vec::new();
     while let Some(piece) = next_piece(body, state.body_idle).await? {
         if (out.len() + piece.len()) as u64 > limit {
-            return Err(TransportError::TooLarge(format!("request body exceeds the limit of {limit} bytes")));
+            return Err(TransportError::TooLarge(format!("request body exceeds the limit of {limit} bytes").into()));
         }
         held.resize((out.len() + piece.len()) as u64)?;
         out.extend_from_slice(&piece);

@@ -59,7 +59,7 @@ async fn authenticate(
     let user = name.clone();
     let verified = web::block(move || store.verify_from(&user, &password, peer))
         .await
-        .map_err(|e| TransportError::Internal(e.to_string()))?;
+        .map_err(|e| TransportError::Internal(Box::new(e)))?;
     match verified {
         Ok(user) => Ok(user),
         Err(AuthError::Throttled) => {

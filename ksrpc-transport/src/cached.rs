@@ -243,7 +243,7 @@ pub async fn native_hit(id: u64, entry: Arc<Entry>) -> Result<Vec<u8>, Transport
     if small {
         return splice();
     }
-    web::block(splice).await.map_err(|e| TransportError::Internal(e.to_string()))?
+    web::block(splice).await.map_err(|e| TransportError::Internal(Box::new(e)))?
 }
 
 fn entry_is_small(entry: &Entry) -> bool {
@@ -277,5 +277,5 @@ pub async fn native_reply(
     if small {
         return Ok(work());
     }
-    web::block(work).await.map_err(|e| TransportError::Internal(e.to_string()))
+    web::block(work).await.map_err(|e| TransportError::Internal(Box::new(e)))
 }

@@ -38,7 +38,7 @@ pub async fn decode_client_message(
     } else {
         web::block(move || native::decode_compressed::<ClientMessage>(&wire, limits))
             .await
-            .map_err(|e| TransportError::Internal(e.to_string()))?
+            .map_err(|e| TransportError::Internal(Box::new(e)))?
     };
     if let Ok(m) = &message {
         held.force(message_weight(m));
@@ -67,5 +67,5 @@ pub async fn encode_server_message(message: ServerMessage) -> Result<Vec<u8>, Tr
     if !big {
         return Ok(native::encode_compressed(&message));
     }
-    web::block(move || native::encode_compressed(&message)).await.map_err(|e| TransportError::Internal(e.to_string()))
+    web::block(move || native::encode_compressed(&message)).await.map_err(|e| TransportError::Internal(Box::new(e)))
 }

@@ -5,6 +5,10 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use ksrpc_core::{CodecError, ExecError};
 
+/// What caused a refusal: a typed error kept whole (`source()` reaches it),
+/// or a message.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// A failed HTTP request.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -22,10 +26,10 @@ pub enum TransportError {
     /// The body is not valid chunked-zlib framing or the request pickle is
     /// not a valid call (400).
     #[error("bad request: {0}")]
-    BadRequest(String),
+    BadRequest(#[source] Cause),
     /// The body or its decoded payload exceeds a limit (413).
     #[error("payload too large: {0}")]
-    TooLarge(String),
+    TooLarge(#[source] Cause),
     /// The body sent nothing for this many seconds (408).
     #[error("the request body sent nothing for {0} s (limits.body_idle_timeout)")]
     BodyIdle(f64),
@@ -41,7 +45,7 @@ pub enum TransportError {
     ShuttingDown,
     /// A server bug (500).
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[source] Cause),
 }
 
 impl From<CodecError> for TransportError {
@@ -50,9 +54,9 @@ impl From<CodecError> for TransportError {
             CodecError::EncodedTooLarge { .. }
             | CodecError::DecodedTooLarge { .. }
             | CodecError::SliceTooLarge { .. }
-            | CodecError::SliceInflatesTooMuch { .. } => TransportError::TooLarge(e.to_string()),
-            CodecError::Cancelled | CodecError::Compress(_) => TransportError::Internal(e.to_string()),
-            _ => TransportError::BadRequest(e.to_string()),
+            | CodecError::SliceInflatesTooMuch { .. } => TransportError::TooLarge(Box::new(e)),
+            CodecError::Cancelled | CodecError::Compress(_) => TransportError::Internal(Box::new(e)),
+            _ => TransportError::BadRequest(Box::new(e)),
         }
     }
 }
@@ -60,10 +64,10 @@ impl From<CodecError> for TransportError {
 impl From<ExecError> for TransportError {
     fn from(e: ExecError) -> Self {
         match e {
-            ExecError::BadRequest { message, .. } => TransportError::BadRequest(message),
+            ExecError::BadRequest { message, .. } => TransportError::BadRequest(message.into()),
             ExecError::Overloaded(m) => TransportError::Overloaded(m),
             ExecError::ShuttingDown => TransportError::ShuttingDown,
-            ExecError::Internal(m) => TransportError::Internal(m),
+            ExecError::Internal(m) => TransportError::Internal(m.into()),
         }
     }
 }
@@ -170,5 +174,16 @@ mod tests {
         assert_eq!((too_big.status_code().as_u16(), too_big.close_code()), (413, close::SIZE));
         let bad = TransportError::from(CodecError::MissingBorder { limit: 1 });
         assert_eq!((bad.status_code().as_u16(), bad.close_code()), (400, close::INVALID));
+    }
+
+    /// A codec error stays a typed error behind the refusal: `source()`
+    /// reaches it, and the message the client reads is unchanged.
+    #[test]
+    fn the_codec_error_is_the_source() {
+        use std::error::Error as _;
+        let e = TransportError::from(CodecError::MissingBorder { limit: 7 });
+        let source = e.source().and_then(|s| s.downcast_ref::<CodecError>());
+        assert!(matches!(source, Some(CodecError::MissingBorder { limit: 7 })), "{e:?}");
+        assert_eq!(e.to_string(), format!("bad request: {}", CodecError::MissingBorder { limit: 7 }));
     }
 }
