@@ -34,7 +34,17 @@ const BUNDLED: &[(&str, bool, &str)] = &[
     ("ksrpc.client", false, include_str!("../python/ksrpc/client.py")),
     ("ksrpc.server", true, include_str!("../python/ksrpc/server/__init__.py")),
     ("ksrpc.server.demo", false, include_str!("../python/ksrpc/server/demo.py")),
-    ("ksrpc_executor", false, include_str!("../python/ksrpc_executor.py")),
+    ("ksrpc_executor", true, include_str!("../python/ksrpc_executor/__init__.py")),
+    ("ksrpc_executor.names", false, include_str!("../python/ksrpc_executor/names.py")),
+    ("ksrpc_executor.trampoline", false, include_str!("../python/ksrpc_executor/trampoline.py")),
+    ("ksrpc_executor.sharing", false, include_str!("../python/ksrpc_executor/sharing.py")),
+    ("ksrpc_executor.build_budget", false, include_str!("../python/ksrpc_executor/build_budget.py")),
+    ("ksrpc_executor.unpicklers", false, include_str!("../python/ksrpc_executor/unpicklers.py")),
+    ("ksrpc_executor.requests", false, include_str!("../python/ksrpc_executor/requests.py")),
+    ("ksrpc_executor.replies", false, include_str!("../python/ksrpc_executor/replies.py")),
+    ("ksrpc_executor.lanes", false, include_str!("../python/ksrpc_executor/lanes.py")),
+    ("ksrpc_executor.stubs", false, include_str!("../python/ksrpc_executor/stubs.py")),
+    ("ksrpc_executor.executor", false, include_str!("../python/ksrpc_executor/executor.py")),
     ("ksrpc_capability", false, include_str!("../python/ksrpc_capability.py")),
 ];
 
@@ -96,7 +106,7 @@ pub enum Host {
 
 /// Starts the interpreter (a no-op when already running, e.g. when loaded
 /// into a Python process), sets up `sys.path` and returns the executor
-/// object of `ksrpc_executor.py`.
+/// object of the `ksrpc_executor` package.
 ///
 /// `hooks` are what the executor tells the pool (see [`Hooks`]).
 pub(crate) fn start(config: &PythonConfig, host: Host, hooks: Hooks) -> Result<Py<PyAny>, StartError> {

@@ -6,9 +6,9 @@
 //! - [`PyExecutor`] implements the core [`Executor`](ksrpc_core::Executor)
 //!   trait: calls run on a bounded pool of Python threads (never on a tokio
 //!   or actix worker), coroutines on one asyncio loop thread (inside
-//!   `ksrpc_executor.py`), with per-call timeouts, one queue per user served
+//!   `ksrpc_executor`), with per-call timeouts, one queue per user served
 //!   round robin and a cap on each user's running calls ([`fair`]).
-//! - The Python half (`python/ksrpc_executor.py`) decodes requests with a
+//! - The Python half (the `python/ksrpc_executor/` package) decodes requests with a
 //!   restricted unpickler, resolves chains under the user's rules and
 //!   pickles replies.
 //!

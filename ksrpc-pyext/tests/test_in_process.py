@@ -213,10 +213,17 @@ def test_python_dash_m_serves_and_stops_cleanly(tmp_path, stop):
 def test_files_in_the_current_directory_cannot_replace_the_executor(tmp_path):
     """`python -m` puts the current directory first on sys.path: a `ksrpc_executor.py`
     or `ksrpc_capability.py` there used to be imported instead of the server's own (the
-    restricted unpickler, the capability rule). They are served from memory, first."""
+    restricted unpickler, the capability rule). They are served from memory, first; so is
+    every module of the `ksrpc_executor` package (a planted package of that name, or a
+    planted module of it, is never imported either)."""
     marker = tmp_path / "planted-code-ran"
+    plant = f"open({str(marker)!r}, 'w').write('planted')\n"
     for name in ("ksrpc_executor.py", "ksrpc_capability.py"):
-        (tmp_path / name).write_text(f"open({str(marker)!r}, 'w').write('planted')\n")
+        (tmp_path / name).write_text(plant)
+    package = tmp_path / "ksrpc_executor"
+    package.mkdir()
+    for name in ("__init__.py", "names.py", "unpicklers.py", "executor.py", "sharing.py"):
+        (package / name).write_text(plant)
     proc, url = _start_module(sys.executable, ["--config", str(_config_file(tmp_path))], {}, cwd=tmp_path)
     try:
         assert call(url, "ksrpc.server.demo", "add", 2, 3) == 5

@@ -96,7 +96,7 @@ fn listening_line(child: &mut std::process::Child) -> String {
 
 /// The Python half used to be written to `$TMPDIR/ksrpc-py-<hash of the
 /// sources>` and imported from there whenever that directory already held
-/// `ksrpc_executor.py`, its contents never checked: another local user could
+/// the executor's sources, their contents never checked: another local user could
 /// create it first and run code in the server. Plant exactly that directory
 /// (a copy of the real sources with one extra line) and check the server
 /// neither runs it nor writes anything to the temp dir.
@@ -110,7 +110,17 @@ fn a_python_bundle_planted_in_the_temp_dir_is_never_imported() {
         "ksrpc/client.py",
         "ksrpc/server/__init__.py",
         "ksrpc/server/demo.py",
-        "ksrpc_executor.py",
+        "ksrpc_executor/__init__.py",
+        "ksrpc_executor/names.py",
+        "ksrpc_executor/trampoline.py",
+        "ksrpc_executor/sharing.py",
+        "ksrpc_executor/build_budget.py",
+        "ksrpc_executor/unpicklers.py",
+        "ksrpc_executor/requests.py",
+        "ksrpc_executor/replies.py",
+        "ksrpc_executor/lanes.py",
+        "ksrpc_executor/stubs.py",
+        "ksrpc_executor/executor.py",
         "ksrpc_capability.py",
     ];
     // The directory name the server derived from its sources.
@@ -124,7 +134,7 @@ fn a_python_bundle_planted_in_the_temp_dir_is_never_imported() {
     let planted = tmp.path().join(format!("ksrpc-py-{tag}"));
     for name in files {
         let mut text = std::fs::read_to_string(src.join(name)).unwrap();
-        if name == "ksrpc_executor.py" {
+        if name == "ksrpc_executor/__init__.py" {
             // right after its `from __future__` line, which must come first
             let plant = format!("\nopen({:?}, 'w').write('planted')\n", marker.display().to_string());
             let at = text.find("from __future__ import annotations").map_or(0, |i| i + text[i..].find('\n').unwrap());

@@ -26,6 +26,10 @@ sys.path.insert(0, str(ROOT / "tests/python"))
 
 import ksrpc_capability as cap  # noqa: E402
 import ksrpc_executor as kx  # noqa: E402
+from ksrpc_executor import executor as kx_executor  # noqa: E402
+from ksrpc_executor import names as kx_names  # noqa: E402
+from ksrpc_executor import trampoline as kx_trampoline  # noqa: E402
+from ksrpc_executor import unpicklers as kx_unpicklers  # noqa: E402
 from ksrpc.client import RpcCall, RpcClient, Self  # noqa: E402
 
 import capsdk  # noqa: E402
@@ -197,7 +201,7 @@ async def apeek():
 
 class TrampolineTest(unittest.TestCase):
     def test_python_callees_see_an_empty_frame(self):
-        g, loc, b = kx._call(peek, (), {})
+        g, loc, b = kx_trampoline._call(peek, (), {})
         self.assertEqual(g, ["__builtins__"])
         self.assertEqual(b, [])
         self.assertLessEqual(set(loc), {"f", "a", "k"})
@@ -210,7 +214,7 @@ class TrampolineTest(unittest.TestCase):
             self.assertEqual(out[0], "ok")
             self.assertEqual(out[1][0], ["__builtins__"])
             # pandas resolves @name in the caller's frame: the executor's imports are not there
-            self.assertIn("importlib", vars(kx))
+            self.assertIn("importlib", vars(kx_executor))
             out = ex.run_native(2, "admin", STAR, "ksrpc.server.demo",
                                 [RpcCall("test", (), {}), RpcCall("eval", ("@importlib",), {})], 0)
             self.assertEqual(out[:2], ("err", "NameError"), out)
@@ -230,13 +234,13 @@ class TrampolineTest(unittest.TestCase):
 
 class MemoTest(unittest.TestCase):
     def test_careful_unpickler_charges_memo_puts(self):
-        policy = kx._Policy(*kx._parse_allow(kx.DEFAULT_UNPICKLE_ALLOW), False)
+        policy = kx_names._Policy(*kx_names._parse_allow(kx.DEFAULT_UNPICKLE_ALLOW), False)
         # a huge index costs one dict entry, not an array
-        self.assertIsNone(kx._Unpickler(b"\x80\x04Nr\xff\xff\xff\x03.", policy, STAR).load())
-        u = kx._Unpickler(b"\x80\x04" + b"Nq\x00" * 1000 + b".", policy, STAR)
+        self.assertIsNone(kx_unpicklers._Unpickler(b"\x80\x04Nr\xff\xff\xff\x03.", policy, STAR).load())
+        u = kx_unpicklers._Unpickler(b"\x80\x04" + b"Nq\x00" * 1000 + b".", policy, STAR)
         before = u._budget
         u.load()
-        self.assertEqual(before - u._budget, 1000 * kx._MEMO_ENTRY_BYTES)
+        self.assertEqual(before - u._budget, 1000 * kx_unpicklers._MEMO_ENTRY_BYTES)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ from unittest import mock
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ksrpc_executor as kx  # noqa: E402
+from ksrpc_executor import build_budget as kx_budget  # noqa: E402
+from ksrpc_executor import lanes as kx_lanes  # noqa: E402
+from ksrpc_executor import names as kx_names  # noqa: E402
+from ksrpc_executor import requests as kx_requests  # noqa: E402
+from ksrpc_executor import sharing as kx_sharing  # noqa: E402
+from ksrpc_executor import unpicklers as kx_unpicklers  # noqa: E402
 from rules_fake import Rules  # noqa: E402
 from ksrpc.client import RpcCall, RpcClient, Self  # noqa: E402
 import ksrpc.server.demo as demo  # noqa: E402  (the package attribute `demo` is a string until then, as in 0.8.1)
@@ -345,7 +351,7 @@ class ChainTest(ExecutorTest):
         payload = request(DEMO, call("add", "secret-password", "x"))
         summary = self.send(payload, LIMITED)[3]
         self.assertNotIn("secret", summary)
-        self.assertEqual(kx._summarize("m", [attr("a"), call("f", 1, k=2), call("g")], 5), "m.a.f(1 arg, 1 kwarg).g() [handle]")
+        self.assertEqual(kx_requests._summarize("m", [attr("a"), call("f", 1, k=2), call("g")], 5), "m.a.f(1 arg, 1 kwarg).g() [handle]")
 
     def test_attribute_and_ignored_arguments(self):
         self.assertEqual(self.ok(request(DEMO, attr("PASSWORD")), LIMITED), 123456)
@@ -630,7 +636,7 @@ class BypassTest(ExecutorTest):
         # heapq's functions are _heapq's (a C module outside the package)
         self.bad(b"\x80\x04" + stack_global("heapq", "heappush") + b".", Rules(("heapq", True)), "_heapq")
         # a class defined in a submodule of the allowed package is the package's (re-export)
-        got = kx._Unpickler(b"\x80\x04" + stack_global("json", "JSONDecodeError") + b".", kx._Policy(*kx._parse_allow(
+        got = kx_unpicklers._Unpickler(b"\x80\x04" + stack_global("json", "JSONDecodeError") + b".", kx_names._Policy(*kx_names._parse_allow(
             kx.DEFAULT_UNPICKLE_ALLOW), False), Rules(("json", True))).load()
         self.assertIs(got, __import__("json").JSONDecodeError)
 
@@ -650,7 +656,7 @@ class BypassTest(ExecutorTest):
     def test_code_needs_dill_message(self):
         payload = b"\x80\x04" + stack_global("dill._dill", "_create_function") + b"."
         ex = self.make(allow_code=True)
-        with mock.patch.object(kx, "dill", None):
+        with mock.patch.object(kx_names, "dill", None):
             self.bad(payload, FULL, "dill is not installed", ex=ex)
 
     @needs_dill
@@ -869,7 +875,7 @@ class ThreadTest(ExecutorTest):
         self.assertEqual(self.ok(request(DEMO, call("add", 1, 2)), LIMITED), 3)
 
     def test_parallel_and_serial_patterns_choose_the_thread(self):
-        lanes = kx._Lanes(parallel=["numpy", "bench_*"], serial=["jqdatasdk.finance"])
+        lanes = kx_lanes._Lanes(parallel=["numpy", "bench_*"], serial=["jqdatasdk.finance"])
         self.assertIsNone(lanes.key("numpy.linalg"))
         self.assertIsNone(lanes.key("bench_mod"))
         self.assertIsNone(lanes.key("os.path"))
@@ -877,7 +883,7 @@ class ThreadTest(ExecutorTest):
         self.assertEqual(lanes.key("jqdatasdk"), "ksrpc-lane-jqdatasdk")
         self.assertEqual(lanes.key("jqdatasdk.alpha101"), "ksrpc-lane-jqdatasdk")
         self.assertEqual(lanes.key("jqdatasdk.finance"), "ksrpc-serial")
-        self.assertEqual(kx._Lanes(parallel=["jq*"], serial=["jq*"]).key("jqdatasdk"), "ksrpc-serial")
+        self.assertEqual(kx_lanes._Lanes(parallel=["jq*"], serial=["jq*"]).key("jqdatasdk"), "ksrpc-serial")
 
     def test_a_busy_lane_holds_neither_other_packages_nor_coroutines(self):
         other = types.ModuleType("lanes_other_pkg")
@@ -1195,7 +1201,7 @@ class BuildRulesTest(ExecutorTest):
 
     def test_budget_grows_with_the_request(self):
         # 1 MiB spelled out in the request loads under a 64 KiB base budget; 2 MiB from an int does not.
-        with mock.patch.object(kx, "_BUILD_BUDGET", 1 << 16):
+        with mock.patch.object(kx_budget, "_BUILD_BUDGET", 1 << 16):
             self.assertEqual(len(self.ok(reduce_request(bytearray(1 << 20)), Rules((MOD, True)))), 1 << 20)
             payload = b"\x80\x04" + stack_global("builtins", "bytearray") + b"J" + (2 << 20).to_bytes(4, "little") \
                 + b"\x85R."
@@ -1245,3 +1251,55 @@ class FastPathTest(ExecutorTest):
         dotted = b"\x80\x04" + stack_global("ksrpc.server.demo", "random._os.system") + b"."
         status, bad, _, _ = self.fast(dotted, LIMITED)
         self.assertIn("dotted", bad)
+
+
+class SharingTest(unittest.TestCase):
+    """`sharing.held_only_by_caller`, the one reader of reference counts, and its import-time self-check."""
+
+    def test_a_new_object_held_by_one_local_is_held_only_by_its_caller(self):
+        obj = object()
+        self.assertTrue(kx_sharing.held_only_by_caller(obj))
+        items = [1, 2, 3]
+        self.assertTrue(kx_sharing.held_only_by_caller(items))
+
+    def test_an_object_also_stored_elsewhere_is_not(self):
+        obj = object()
+        kept = [obj]
+        self.assertFalse(kx_sharing.held_only_by_caller(obj))
+        self.assertTrue(kx_sharing.held_only_by_caller(obj, extra=1))  # the caller counts its list
+        self.assertFalse(kx_sharing.held_only_by_caller(obj, extra=2))
+        kept.clear()
+        self.assertTrue(kx_sharing.held_only_by_caller(obj))
+        utc = datetime.timezone.utc  # a module's singleton
+        self.assertFalse(kx_sharing.held_only_by_caller(utc))
+
+    def test_free_threaded_builds_are_refused(self):
+        kx_sharing.self_check()  # this interpreter passes
+        version = sys.version.split()[0]
+        with mock.patch.object(sys, "_is_gil_enabled", lambda: False, create=True):
+            with self.assertRaisesRegex(ImportError, f"free-threaded build \\(Python {version}"):
+                kx_sharing.self_check()
+        real = kx_sharing.sysconfig.get_config_var
+        with mock.patch.object(kx_sharing.sysconfig, "get_config_var",
+                               lambda name: 1 if name == "Py_GIL_DISABLED" else real(name)):
+            with self.assertRaisesRegex(ImportError, "free-threaded"):
+                kx_sharing.self_check()
+
+    def test_a_broken_count_fails_the_self_check(self):
+        version = sys.version.split()[0]
+        with mock.patch.object(kx_sharing, "_refs", lambda obj: kx_sharing._SOLE_REFS + 5):
+            with self.assertRaisesRegex(ImportError, f"Python {version}.*expected a new object held by one local"):
+                kx_sharing.self_check()
+        # every count the same: the sole object passes, the one also in a list must not
+        with mock.patch.object(kx_sharing, "_refs", lambda obj: 3), mock.patch.object(kx_sharing, "_SOLE_REFS", 3):
+            with self.assertRaisesRegex(ImportError, "expected an object also stored in a list not to be"):
+                kx_sharing.self_check()
+        kx_sharing.self_check()
+
+    def test_the_package_does_not_import_where_the_check_fails(self):
+        import subprocess
+        code = "import sys; sys._is_gil_enabled = lambda: False; import ksrpc_executor"
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("ImportError: ksrpc_executor refuses to run on a free-threaded build", out.stderr)
