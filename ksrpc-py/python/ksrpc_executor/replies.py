@@ -36,7 +36,7 @@ def _safe_str(exc):
 
 
 def _public_exception(exc):
-    """An exception the 0.8.1 client can unpickle and `raise` (pitfalls.md item 6).
+    """An exception the 0.8.1 client can unpickle and `raise` (it raises `data` as it is).
 
     Builtin Exception subclasses (StopIteration and StopAsyncIteration included)
     are kept. SystemExit, KeyboardInterrupt and other BaseExceptions, exception

@@ -43,7 +43,7 @@ class _Unpickler(pickle._Unpickler):
     a pickle could `setattr` an allowed class (say pandas.DataFrame.__getitem__)
     or a cached object (pytz.utc) for every user of the server, build gigabytes
     from a few bytes, or hand numpy a dtype whose state makes it read pickle
-    bytes as pointers. See "What a request pickle may build" above. dill's own
+    bytes as pointers. See "What a request pickle may build" in `build_budget`. dill's own
     find_class special cases are reproduced below.
     """
 
