@@ -23,8 +23,8 @@ use ksrpc_core::codec::{Codec, BORDER};
 use ksrpc_core::native::{self, ClientMessage, ServerMessage};
 use ksrpc_core::{CompatRequest, NativeRequest};
 use ksrpc_transport::{
-    admit_compat_reply, cached, caller_of, decode_charge, decode_client_message, log_call, outcome_of, outcome_weight,
-    over_budget, CallStats, ServerState, TransportError, INLINE_DECODE,
+    admit_compat_reply, cached, caller_of, decode_charge, decode_client_message, log_call, native_refusal, outcome_of,
+    outcome_weight, over_budget, CallStats, ServerState, TransportError, INLINE_DECODE,
 };
 
 pub use reply::{cached_reply, stream_reply};
@@ -272,16 +272,13 @@ async fn v2_call(
     let mut held = state.budget.reservation(&user.name);
     let wire = read_raw(&mut body, &state, &mut held).await?;
     let bytes_in = wire.len() as u64;
-    let refuse = |reason: String| {
-        native_response(
-            actix_web::http::StatusCode::BAD_REQUEST,
-            native::encode_compressed(&ServerMessage::Refused { reason }),
-        )
-    };
+    let refuse_with =
+        |status, reason: String| native_response(status, native::encode_compressed(&ServerMessage::Refused { reason }));
+    let refuse = |reason: String| refuse_with(actix_web::http::StatusCode::BAD_REQUEST, reason);
     held.resize(decode_charge(&wire, state.limits))?;
     let message = match decode_client_message(wire, state.limits, &mut held).await? {
         Ok(m) => m,
-        Err(e) => return Ok(refuse(e.to_string())),
+        Err(e) => return Ok(refuse_with(native_refusal(&e).0, e.to_string())),
     };
     if let ClientMessage::Cancel { id } = message {
         // Answered `Ok(true)` when the call was found and stopped.

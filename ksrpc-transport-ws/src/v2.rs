@@ -18,8 +18,8 @@ use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, Session};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use ksrpc_core::auth::User;
-use ksrpc_core::mux::{self, Header, MuxError, Reassembler};
-use ksrpc_core::native::{self, ClientMessage, NativeError, Outcome, RemoteError, ServerMessage};
+use ksrpc_core::mux::{self, Header, Reassembler};
+use ksrpc_core::native::{self, ClientMessage, Outcome, RemoteError, ServerMessage};
 use ksrpc_core::Reservation;
 use ksrpc_core::{ExecError, NativeRequest};
 use ksrpc_transport::cached::{self, CacheMark};
@@ -260,12 +260,7 @@ impl Socket {
         let pushed = match self.reassembler.push(frame) {
             Ok(p) => p,
             Err(e) => {
-                let code = match e {
-                    MuxError::MessageTooLarge { .. } | MuxError::BufferedTooLarge { .. } => CloseCode::Size,
-                    MuxError::TooManyStreams => CloseCode::Policy,
-                    MuxError::Malformed(_) | MuxError::ReservedFlags(_) => CloseCode::Protocol,
-                };
-                return self.refuse(code, e.to_string()).await;
+                return self.refuse(CloseCode::from(ksrpc_transport::mux_refusal(&e)), e.to_string()).await;
             }
         };
         self.recount();
@@ -294,12 +289,8 @@ impl Socket {
         let message = match decoded {
             Ok(m) => m,
             Err(e) => {
-                let code = if matches!(e, NativeError::UnsupportedVersion { .. }) {
-                    CloseCode::Policy
-                } else {
-                    CloseCode::Invalid
-                };
-                return self.refuse(code, e.to_string()).await;
+                let (_, code) = ksrpc_transport::native_refusal(&e);
+                return self.refuse(CloseCode::from(code), e.to_string()).await;
             }
         };
         if let ClientMessage::Cancel { id } = message {

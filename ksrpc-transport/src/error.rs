@@ -3,6 +3,8 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
+use ksrpc_core::mux::MuxError;
+use ksrpc_core::native::NativeError;
 use ksrpc_core::{CodecError, ExecError};
 
 /// What caused a refusal: a typed error kept whole (`source()` reaches it),
@@ -74,6 +76,8 @@ impl From<ExecError> for TransportError {
 
 /// WebSocket close codes (RFC 6455, section 7.4.1) a refusal ends a socket with.
 pub mod close {
+    /// 1002: the WebSocket framing of the native protocol is broken.
+    pub const PROTOCOL: u16 = 1002;
     /// 1007: the message is not valid (bad framing or request).
     pub const INVALID: u16 = 1007;
     /// 1008: the message breaks a rule of the server (auth, a silent client).
@@ -86,6 +90,27 @@ pub mod close {
     pub const RESTART: u16 = 1012;
     /// 1013: try again later (busy, over the memory budget).
     pub const AGAIN: u16 = 1013;
+}
+
+/// How a native message this server cannot read (another protocol
+/// version, bytes that do not decode) is refused: the HTTP status of
+/// `POST /v2/call`'s answer, and the close code of `/v2/ws`; both send a
+/// `Refused` message saying why first.
+pub fn native_refusal(e: &NativeError) -> (StatusCode, u16) {
+    match e {
+        NativeError::UnsupportedVersion { .. } => (StatusCode::BAD_REQUEST, close::POLICY),
+        _ => (StatusCode::BAD_REQUEST, close::INVALID),
+    }
+}
+
+/// The close code of `/v2/ws` for frames that do not reassemble (an HTTP
+/// request carries one message and no frames, so this is WebSocket only).
+pub fn mux_refusal(e: &MuxError) -> u16 {
+    match e {
+        MuxError::MessageTooLarge { .. } | MuxError::BufferedTooLarge { .. } => close::SIZE,
+        MuxError::TooManyStreams => close::POLICY,
+        MuxError::Malformed(_) | MuxError::ReservedFlags(_) => close::PROTOCOL,
+    }
 }
 
 impl TransportError {
@@ -174,6 +199,17 @@ mod tests {
         assert_eq!((too_big.status_code().as_u16(), too_big.close_code()), (413, close::SIZE));
         let bad = TransportError::from(CodecError::MissingBorder { limit: 1 });
         assert_eq!((bad.status_code().as_u16(), bad.close_code()), (400, close::INVALID));
+    }
+
+    /// Native messages that do not read: 400 over HTTP; over a WebSocket
+    /// 1008 for another version, 1007 for bad bytes.
+    #[test]
+    fn native_refusals_map_to_a_status_and_a_close_code() {
+        let version = NativeError::UnsupportedVersion { got: 9 };
+        assert_eq!(native_refusal(&version), (StatusCode::BAD_REQUEST, close::POLICY));
+        let bad = NativeError::Malformed("x".into());
+        assert_eq!(native_refusal(&bad), (StatusCode::BAD_REQUEST, close::INVALID));
+        assert_eq!(mux_refusal(&MuxError::TooManyStreams), close::POLICY);
     }
 
     /// A codec error stays a typed error behind the refusal: `source()`

@@ -28,6 +28,6 @@ pub use admit::{admit_compat_reply, outcome_weight, over_budget};
 pub use auth::{caller_of, guard, user_of, LogAdmit, LogLimiter};
 pub use call_log::{log_call, outcome_of, CallStats, Caller, ClientIp};
 pub use encoding::{decode_charge, decode_client_message, encode_server_message, INLINE_DECODE};
-pub use error::{close, TransportError};
+pub use error::{close, mux_refusal, native_refusal, Cause, TransportError};
 pub use state::{InFlight, InFlightGuard, ServerState, SEND_TIMEOUT};
 pub use stopping::{StopTrigger, Stopping};
