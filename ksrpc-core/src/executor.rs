@@ -118,9 +118,10 @@ pub enum ExecError {
 /// Told a compat request's cache chain once the executor has read the
 /// request, before the call runs: `Some(chain)` (`module.attr.attr`) when a
 /// plain result of the call may be cached under that chain, `None` when its
-/// reply never can be (a generator step, a chain among the arguments, or a
-/// request that does not read). Called at most once, from the thread that
-/// read the request: it must be quick and must not block.
+/// reply never can be (a generator step, a chain among the arguments).
+/// Called at most once, from the thread that read the request: it must be
+/// quick and must not block. A request that does not read never calls it
+/// (the callback is dropped when the call ends).
 pub type ChainSeen = Box<dyn FnOnce(Option<&str>) + Send + 'static>;
 
 /// Runs calls. Implementations must never block the calling async task's

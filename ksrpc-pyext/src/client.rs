@@ -243,12 +243,16 @@ enum Outcome {
 #[derive(Debug)]
 pub struct Pending {
     abort: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Set by `cancel`: a result already being converted is dropped, not
+    /// delivered.
+    cancelled: Arc<AtomicBool>,
 }
 
 #[pymethods]
 impl Pending {
     /// Stops the operation; `done` is not called. A no-op once settled.
     fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
         if let Some(a) = self.abort.lock().expect("pending poisoned").take() {
             a.abort();
         }
@@ -263,12 +267,21 @@ where
     F: std::future::Future<Output = Result<Outcome, Error>> + Send + 'static,
 {
     let rt = runtime()?;
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let seen_cancel = cancelled.clone();
     let task = rt.spawn(async move {
         let outcome = fut.await;
         // Converting takes the GIL and may run pyarrow: not on a runtime worker.
         let settled = tokio::task::spawn_blocking(move || {
+            // Aborting the task does not stop this closure once it runs.
+            if seen_cancel.load(Ordering::SeqCst) {
+                return;
+            }
             if let Some(p) = progress {
                 p.flush();
+            }
+            if seen_cancel.load(Ordering::SeqCst) {
+                return;
             }
             with_python(|py| {
                 let (ok, value) = match outcome.map_err(|e| py_error(py, e)).and_then(|o| settle(py, o)) {
@@ -278,13 +291,13 @@ where
                 if let Err(e) = done.call1(py, (ok, value)) {
                     e.write_unraisable(py, Some(done.bind(py)));
                 }
-            })
+            });
         });
         if let Err(e) = settled.await {
             tracing::warn!("settling a client call: {e}");
         }
     });
-    Ok(Pending { abort: Mutex::new(Some(task.abort_handle())) })
+    Ok(Pending { abort: Mutex::new(Some(task.abort_handle())), cancelled })
 }
 
 fn settle(py: Python<'_>, outcome: Outcome) -> PyResult<Py<PyAny>> {

@@ -81,8 +81,10 @@ async fn serve(
                 }
             }
         } else {
-            // Between calls: a stopping server closes the socket now.
+            // Between calls: a stopping server closes the socket now, unless
+            // a request has already arrived (read first: it is served).
             tokio::select! {
+                biased;
                 m = messages.next() => m,
                 () = state.stopping.wait() => {
                     let _ = session.close(close_reason(CloseCode::Away, SHUTTING_DOWN)).await;

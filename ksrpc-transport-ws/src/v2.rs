@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, Session};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use ksrpc_core::auth::User;
 use ksrpc_core::mux::{self, Header, Reassembler};
 use ksrpc_core::native::{self, ClientMessage, Outcome, RemoteError, ServerMessage};
@@ -160,7 +160,12 @@ impl Socket {
                 }
                 () = std::future::ready(()), if sending => self.send_slice().await,
                 () = idle => Err(Some((CloseCode::Policy, "a message was left half-sent".into()))),
-                () = stopping.wait(), if quiet => Err(Some((CloseCode::Away, crate::SHUTTING_DOWN.into()))),
+                () = stopping.wait(), if quiet => match messages.next().now_or_never() {
+                    // A frame that came with the stop is read, not dropped:
+                    // the socket closes once what it starts is answered.
+                    Some(msg) if reading => self.on_message(msg).await,
+                    _ => Err(Some((CloseCode::Away, crate::SHUTTING_DOWN.into()))),
+                },
                 // Not reading for want of budget: look again soon (the bytes
                 // may be freed by other sockets, which do not wake this one).
                 () = tokio::time::sleep(BUDGET_RETRY), if !reading => Ok(()),

@@ -167,8 +167,9 @@ class Executor:
         handle_ttl (s) / handle_cap (per user): generator handles; call_timeout (s): how long a
         call may take; parallel_modules / serial_modules: see `_Lanes`; lend: called (no
         arguments) when a pool thread is about to wait for a busy lane, so the pool can add a
-        thread for the other packages' calls meanwhile; note(call_id, summary): told each
-        compat call's chain once it is known."""
+        thread for the other packages' calls meanwhile; note(call_id, summary, cache_chain): told
+        each compat call's chain once it is known (cache_chain: the dotted chain the result
+        cache matches, or None when the reply can never be cached)."""
         exact, wild = _parse_allow(DEFAULT_UNPICKLE_ALLOW + tuple(unpickle_allow))
         self._policy = _Policy(exact, wild, bool(allow_code))
         from ksrpc.client import RpcCall, RpcClient, _Self  # the stand-ins, or the real package
