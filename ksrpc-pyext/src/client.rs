@@ -278,7 +278,7 @@ where
                 return;
             }
             if let Some(p) = progress {
-                p.flush();
+                p.drain();
             }
             if seen_cancel.load(Ordering::SeqCst) {
                 return;
@@ -418,7 +418,7 @@ impl NativeClient {
 /// socket only queues a report (about every percent of the reply, at least
 /// 1 MiB apart, and at its end); one blocking task at a time takes the GIL
 /// and calls Python with the queued reports in order, so a callback that
-/// waits for the GIL never stalls the socket. [`Progress::flush`] delivers
+/// waits for the GIL never stalls the socket. [`Progress::drain`] delivers
 /// what is left before the call settles.
 #[derive(Debug)]
 struct Progress {
@@ -474,7 +474,9 @@ impl Progress {
         }
     }
 
-    /// Delivers queued reports until none is left.
+    /// Delivers queued reports until none is left, after any delivery under
+    /// way. Also called before the call settles, so the last report comes
+    /// before the result (a drain task still scheduled then finds nothing).
     fn drain(&self) {
         let _one_at_a_time = self.delivering.lock().expect("progress poisoned");
         loop {
@@ -489,19 +491,6 @@ impl Progress {
                 }
             };
             self.deliver(next);
-        }
-    }
-
-    /// Delivers what is still queued, after any delivery under way; called
-    /// before the call settles, so the last report comes before the result.
-    fn flush(&self) {
-        let _one_at_a_time = self.delivering.lock().expect("progress poisoned");
-        loop {
-            let next = self.queue.lock().expect("progress poisoned").0.pop_front();
-            match next {
-                Some(r) => self.deliver(r),
-                None => return,
-            }
         }
     }
 
